@@ -1,0 +1,175 @@
+"""The config schema: every key a run config may set, its default, and the checks run before anything is written.
+
+Config files in ``configs/`` start from :func:`base_config` and override what their experiment changes. Keys that
+are not in the schema are rejected (a misspelt key must not be silently ignored). ``--config configs/x.py:smoke``
+passes ``'smoke'`` to the file's ``get_config``, which applies :func:`smoke` — a tiny version of the same experiment
+(small data, a few steps, the same code paths) that finishes in under a minute on a CPU.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from arreg_jax.errors import ConfigError
+
+DATASETS = ('mnist', 'cifar10', 'cifar100', 'tiny_imagenet')
+SOURCES = ('embedded', 'files', 'tfds')
+ATTACKS = ('pgd', 'fgsm', 'none')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # The paper experiment this config reproduces (a key of arreg_jax.report.paper), or None.
+  c.paper = ml_collections.FieldReference(None, field_type=str)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'mnist'
+  c.data.source = 'embedded'          # 'embedded' (MNIST subset in the package) | 'files' | 'tfds'
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.cache_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.train_size = ml_collections.FieldReference(None, field_type=int)
+  c.data.test_size = ml_collections.FieldReference(None, field_type=int)
+  c.data.classes = ml_collections.FieldReference(None, field_type=int)  # Tiny-ImageNet: first K classes only
+  c.data.tfds_download = False
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'small_cnn'
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 10
+  c.train.batch_size = 128
+  c.train.optimizer = 'sgd'           # 'sgd' (with momentum) | 'adam'
+  c.train.learning_rate = 0.05
+  c.train.momentum = 0.9
+  c.train.nesterov = False
+  c.train.weight_decay = 0.0          # not stated in the paper; draft 003 uses none
+  c.train.lr_boundaries = (100, 150)  # epochs at which the learning rate is multiplied by lr_decay
+  c.train.lr_decay = 0.1
+  c.train.eps_ramp_epochs = 0.0       # ramp the attack's ε linearly from 0 over this many epochs
+
+  # The training attack. AR strength s (an entry of `sweep`) means ε = s × strength_unit.
+  c.attack = ml_collections.ConfigDict()
+  c.attack.kind = 'pgd'               # 'pgd' | 'fgsm' | 'none'
+  c.attack.norm = 'linf'
+  c.attack.strength_unit = 1 / 255
+  c.attack.steps = 10
+  c.attack.step_size = ml_collections.FieldReference(2 / 255, field_type=float)  # absolute; or None and …
+  c.attack.step_size_rel = ml_collections.FieldReference(None, field_type=float)  # … a fraction of ε
+  c.attack.random_start = True
+  c.attack.bn_mode = 'eval'           # BatchNorm during the attack: 'eval' (running stats) | 'batch'
+
+  c.sweep = (4, 8, 16)                # AR strengths; one model per entry (0 = standard training)
+
+  # Evaluation: PGD accuracy over clean-correct test examples (SPEC §5).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 500
+  c.eval.pgd_eps = 8 / 255
+  c.eval.pgd_step_size = 2 / 255
+  c.eval.pgd_steps = 10
+  c.eval.pgd_examples_per_epoch = ml_collections.FieldReference(1000, field_type=int)  # None = whole test set
+  c.eval.every_epochs = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.keep = 3
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks ``c`` in place to a tiny run of the same experiment (for tests and quick checks)."""
+  c.data.train_size = 256
+  c.data.test_size = 128
+  c.train.epochs = 2
+  c.train.batch_size = 64
+  c.train.lr_boundaries = (1,)
+  c.train.eps_ramp_epochs = min(c.train.eps_ramp_epochs, 1.0)
+  c.eval.batch_size = 64
+  c.eval.pgd_examples_per_epoch = 64
+  c.sweep = tuple(c.sweep)[:2]
+  smoke_models = {'resnet56': 'resnet20', 'resnet110': 'resnet20', 'resnet56_bn': 'resnet20_bn',
+                  'wrn50_2': 'wrn50_2', 'lenet': 'small_cnn'}
+  c.model.name = smoke_models.get(c.model.name, c.model.name)
+  return c
+
+
+def from_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies a config-file argument (``configs/x.py:ARG``): None/'' or 'smoke'."""
+  if arg in (None, ''):
+    return c
+  if arg == 'smoke':
+    return smoke(c)
+  raise ConfigError(f"unknown config argument {arg!r}: use 'configs/<name>.py' or 'configs/<name>.py:smoke'")
+
+
+def _unknown_keys(c, ref, prefix=''):
+  out = []
+  for k in c.keys():
+    if k not in ref:
+      out.append(prefix + k)
+    elif isinstance(ref[k], ml_collections.ConfigDict):
+      if not isinstance(c[k], ml_collections.ConfigDict):
+        out.append(prefix + k + ' (must be a block)')
+      else:
+        out.extend(_unknown_keys(c[k], ref[k], prefix + k + '.'))
+  return out
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first problem found: unknown keys, bad names, impossible values."""
+  unknown = _unknown_keys(c, base_config())
+  if unknown:
+    raise ConfigError(f'unknown config key(s): {", ".join(unknown)}. Check the spelling; the valid keys and their '
+                      'defaults are in arreg_jax/configuration.py (base_config)')
+
+  def need(ok, msg):
+    if not ok:
+      raise ConfigError(msg)
+
+  need(c.data.name in DATASETS, f'unknown dataset {c.data.name!r} (config.data.name); choose one of {DATASETS}')
+  need(c.data.source in SOURCES, f'unknown data source {c.data.source!r} (config.data.source); choose one of {SOURCES}')
+  need(c.data.source != 'embedded' or c.data.name == 'mnist',
+       f"source 'embedded' ships MNIST only; for {c.data.name!r} set config.data.source='files' and "
+       "config.data.data_dir, or 'tfds'")
+  need(c.data.source != 'files' or c.data.data_dir,
+       f"config.data.source='files' needs config.data.data_dir: the folder holding the {c.data.name} files")
+  for k in ('train_size', 'test_size', 'classes'):
+    v = c.data[k]
+    need(v is None or v > 0, f'config.data.{k} must be positive or None, got {v}')
+  from arreg_jax import models  # local import: models imports jax
+  need(c.model.name in models.MODEL_NAMES,
+       f'unknown model {c.model.name!r} (config.model.name); choose one of {", ".join(models.MODEL_NAMES)}')
+  t = c.train
+  need(t.epochs >= 1, f'config.train.epochs must be >= 1, got {t.epochs}')
+  need(t.batch_size >= 1, f'config.train.batch_size must be >= 1, got {t.batch_size}')
+  need(t.optimizer in ('sgd', 'adam'), f"config.train.optimizer must be 'sgd' or 'adam', got {t.optimizer!r}")
+  need(t.learning_rate > 0, f'config.train.learning_rate must be > 0, got {t.learning_rate}')
+  need(0 <= t.momentum < 1, f'config.train.momentum must be in [0, 1), got {t.momentum}')
+  need(t.weight_decay >= 0, f'config.train.weight_decay must be >= 0, got {t.weight_decay}')
+  need(t.eps_ramp_epochs >= 0, f'config.train.eps_ramp_epochs must be >= 0, got {t.eps_ramp_epochs}')
+  need(list(t.lr_boundaries) == sorted(t.lr_boundaries), 'config.train.lr_boundaries must be increasing')
+  a = c.attack
+  need(a.kind in ATTACKS, f'unknown attack {a.kind!r} (config.attack.kind); choose one of {ATTACKS}')
+  need(a.norm in ('linf', 'l2'), f"config.attack.norm must be 'linf' or 'l2', got {a.norm!r}")
+  need(a.bn_mode in ('eval', 'batch'), f"config.attack.bn_mode must be 'eval' or 'batch', got {a.bn_mode!r}")
+  need(a.strength_unit > 0, f'config.attack.strength_unit must be > 0, got {a.strength_unit}')
+  need(a.steps >= 1, f'config.attack.steps must be >= 1, got {a.steps}')
+  need((a.step_size is None) != (a.step_size_rel is None),
+       'set exactly one of config.attack.step_size (absolute) and config.attack.step_size_rel (fraction of ε)')
+  need((a.step_size or 0) >= 0 and (a.step_size_rel or 0) >= 0, 'attack step sizes must be >= 0')
+  sweep = list(c.sweep)
+  need(len(sweep) >= 1, 'config.sweep must list at least one AR strength')
+  for s in sweep:
+    need(isinstance(s, (int, float)) and s >= 0,
+         f'AR strength {s!r} in config.sweep is invalid: ε = strength × unit must be >= 0')
+  need(len(set(sweep)) == len(sweep), f'config.sweep has repeated strengths: {sweep}')
+  e = c.eval
+  need(e.pgd_eps >= 0, f'config.eval.pgd_eps (ε) must be >= 0, got {e.pgd_eps}')
+  need(e.pgd_steps >= 1 and e.pgd_step_size >= 0, 'config.eval.pgd_steps must be >= 1 and pgd_step_size >= 0')
+  need(e.batch_size >= 1, f'config.eval.batch_size must be >= 1, got {e.batch_size}')
+  need(e.every_epochs >= 1, f'config.eval.every_epochs must be >= 1, got {e.every_epochs}')
+  need(c.checkpoint.keep >= 1, f'config.checkpoint.keep must be >= 1, got {c.checkpoint.keep}')
+
+
+def run_name(strength: float) -> str:
+  """The run directory of one sweep member: ``ar4``, ``ar0.1``, …"""
+  return f'ar{strength:g}'

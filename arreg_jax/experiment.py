@@ -1,0 +1,268 @@
+"""A sweep over adversarial-robustness strengths: one model per strength, resumable, with per-epoch metrics.
+
+Layout of a work directory::
+
+  WORKDIR/
+    config.json            the sweep's config
+    summary.json           one row of final metrics per AR strength (rewritten after every member)
+    ar<s>/                 one run per strength s in config.sweep
+      config.json          the config, with this run's strength
+      metrics.jsonl        one JSON line per epoch
+      checkpoints/<epoch>/ orbax checkpoints of the TrainState (the last config.checkpoint.keep)
+      final.json           final metrics; its presence marks the run finished
+
+Finished members are skipped; unfinished ones resume from their last checkpoint and, on the same machine and seed,
+end with the same metrics as an uninterrupted run (the step keys and epoch permutations are functions of the step
+and epoch numbers only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from arreg_jax import checkpoint, configuration, models, sharding, train
+from arreg_jax.data import get_dataset
+from arreg_jax.errors import ConfigError, DivergenceError
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temporary file + rename): readers never see a half-written file."""
+  d = os.path.dirname(path) or '.'
+  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_', suffix='.json')
+  with os.fdopen(fd, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _rewrite_metrics(path: str, keep_through_epoch: int) -> None:
+  """Drops metric lines of epochs after the checkpoint being resumed from (they will be recomputed)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [r for r in rows if r['epoch'] <= keep_through_epoch]
+  d = os.path.dirname(path)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_', suffix='.jsonl')
+  with os.fdopen(fd, 'w') as f:
+    for r in rows:
+      f.write(json.dumps(r) + '\n')
+  os.replace(tmp, path)
+
+
+def _append_metrics(path: str, row: dict) -> None:
+  with open(path, 'a') as f:
+    f.write(json.dumps(row) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+
+
+class _DeviceData:
+  """The dataset resident on the devices (uint8 images, int32 labels), replicated over the mesh."""
+
+  def __init__(self, ds, mesh):
+    rep = sharding.replicated(mesh)
+    self.train_images = jax.device_put(ds.train_images, rep)
+    self.train_labels = jax.device_put(ds.train_labels.astype(np.int32), rep)
+    self.test_images = jax.device_put(ds.test_images, rep)
+    self.test_labels = jax.device_put(ds.test_labels.astype(np.int32), rep)
+    self.num_train = int(ds.train_images.shape[0])
+
+
+def _check_sizes(config, ds) -> None:
+  n = ds.train_images.shape[0]
+  if config.train.batch_size > n:
+    raise ConfigError(f'config.train.batch_size = {config.train.batch_size} exceeds the {n} training examples of '
+                      f'{ds.name}; lower the batch size or raise config.data.train_size')
+
+
+def final_row(strength: float, final: dict) -> dict:
+  """A summary row in the paper's columns (accuracies in %, SPEC §5: ΔAcc = train − test, ΔLoss = test − train)."""
+  return {
+      'strength': strength,
+      'train_acc': 100 * final['train']['acc'], 'test_acc': 100 * final['test']['acc'],
+      'acc_gap': 100 * (final['train']['acc'] - final['test']['acc']),
+      'train_loss': final['train']['loss'], 'test_loss': final['test']['loss'],
+      'loss_gap': final['test']['loss'] - final['train']['loss'],
+      'pgd_acc': 100 * final['test']['pgd_acc'],
+  }
+
+
+def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _DeviceData, mesh, run_dir: str) -> dict:
+  """Trains (or resumes, or skips) the model for one AR strength; returns its final metrics."""
+  final_path = os.path.join(run_dir, 'final.json')
+  if os.path.exists(final_path):
+    logging.info('AR %g: finished earlier, skipping (%s)', strength, final_path)
+    print(f'[ar{strength:g}] already finished: {final_path}', flush=True)
+    return read_json(final_path)
+
+  os.makedirs(run_dir, exist_ok=True)
+  run_cfg = _config_dict(config)
+  run_cfg['strength'] = strength
+  cfg_path = os.path.join(run_dir, 'config.json')
+  if os.path.exists(cfg_path) and read_json(cfg_path) != run_cfg:
+    old = read_json(cfg_path)
+    diff = sorted(k for k in set(old) | set(run_cfg) if old.get(k) != run_cfg.get(k))
+    raise ConfigError(f'{run_dir} holds an unfinished run with a different config (differs in: {", ".join(diff)}); '
+                      'resume it with its own config, or choose another --workdir')
+  write_json(cfg_path, run_cfg)
+
+  module = models.get_module(config.model.name, num_classes=ds.num_classes)
+  root = jax.random.key(config.seed)
+  init_key, train_key, eval_key = jax.random.split(root, 3)
+  _, variables = models.create(config.model.name, num_classes=ds.num_classes, key=init_key,
+                               input_shape=ds.image_shape)
+  batch = config.train.batch_size
+  steps_per_epoch = data.num_train // batch
+  tx = train.make_optimizer(config.train, steps_per_epoch)
+  state = jax.device_put(train.init_state(variables, tx), sharding.replicated(mesh))
+
+  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, 'checkpoints'), keep=config.checkpoint.keep)
+  start_epoch = ckpt.latest_epoch() or 0
+  if start_epoch:
+    state = ckpt.restore(start_epoch, state)
+    logging.info('AR %g: resumed from the checkpoint of epoch %d', strength, start_epoch)
+    print(f'[ar{strength:g}] resuming after epoch {start_epoch}', flush=True)
+  metrics_path = os.path.join(run_dir, 'metrics.jsonl')
+  _rewrite_metrics(metrics_path, start_epoch)
+
+  train_step = train.make_train_step(module, tx, config=config, strength=strength, augment_kind=ds.augment,
+                                     steps_per_epoch=steps_per_epoch, batch_sharding=sharding.batch_sharding(mesh),
+                                     base_key=train_key)
+  pgd_cfg = ml_collections.ConfigDict({'eps': config.eval.pgd_eps, 'step_size': config.eval.pgd_step_size,
+                                       'steps': config.eval.pgd_steps})
+  eval_step = train.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=pgd_cfg)
+  clean_eval_step = train.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=None)
+
+  epochs = config.train.epochs
+  epoch_times = []
+  for epoch in range(start_epoch + 1, epochs + 1):
+    t0 = time.time()
+    perm = np.random.default_rng([config.seed, epoch]).permutation(data.num_train).astype(np.int32)
+    sums = None
+    for i in range(steps_per_epoch):
+      state, m = train_step(state, data.train_images, data.train_labels, perm[i * batch:(i + 1) * batch])
+      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+    sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+    train_time = time.time() - t0
+    train_loss = sums['loss_sum'] / sums['count']
+    if not math.isfinite(train_loss):
+      last = ckpt.latest_epoch()
+      ckpt.close()
+      raise DivergenceError(
+          f'AR {strength:g}: the training loss became {train_loss} in epoch {epoch}; stopped without saving it. '
+          f'The last good checkpoint ({"epoch " + str(last) if last else "none"}) in {run_dir}/checkpoints is '
+          'intact. Lower config.train.learning_rate (or ramp ε with config.train.eps_ramp_epochs) and rerun in a '
+          'new --workdir')
+    row = {'epoch': epoch, 'step': int(state.step), 'train_loss': train_loss,
+           'train_acc': sums['correct'] / sums['count'], 'train_time_s': train_time,
+           'images_per_s': sums['count'] / train_time,
+           'lr': float(tx_lr(config.train, steps_per_epoch, int(state.step) - 1))}
+    if epoch % config.eval.every_epochs == 0 or epoch == epochs:
+      test = train.evaluate(eval_step, state.variables(), data.test_images, data.test_labels,
+                            batch_size=config.eval.batch_size, key=eval_key,
+                            limit=config.eval.pgd_examples_per_epoch)
+      if config.eval.pgd_examples_per_epoch is not None and config.eval.pgd_examples_per_epoch < ds.num_test:
+        full = train.evaluate(clean_eval_step, state.variables(), data.test_images, data.test_labels,
+                              batch_size=config.eval.batch_size, key=eval_key)
+        test = {**full, 'pgd_acc': test['pgd_acc'], 'pgd_examples': test['count']}
+      else:
+        test['pgd_examples'] = test['count']
+      row.update(test_loss=test['loss'], test_acc=test['acc'], pgd_acc=test['pgd_acc'],
+                 pgd_examples=test['pgd_examples'])
+    epoch_times.append(time.time() - t0)
+    row['epoch_time_s'] = epoch_times[-1]
+    eta = np.mean(epoch_times) * (epochs - epoch)
+    _append_metrics(metrics_path, row)
+    ckpt.save(epoch, state)
+    line = (f'[ar{strength:g}] epoch {epoch}/{epochs}  train loss {row["train_loss"]:.4f} '
+            f'acc {100 * row["train_acc"]:.2f}%')
+    if 'test_acc' in row:
+      line += f'  test acc {100 * row["test_acc"]:.2f}%  PGD acc {100 * row["pgd_acc"]:.2f}%'
+    line += f'  {row["images_per_s"]:.0f} img/s  ETA {_fmt_time(eta)}'
+    print(line, flush=True)
+
+  # Final evaluation: clean train set (no augmentation), clean test set, PGD over all clean-correct test examples.
+  final = {
+      'strength': strength,
+      'epsilon': strength * config.attack.strength_unit,
+      'epochs': epochs,
+      'train': train.evaluate(clean_eval_step, state.variables(), data.train_images, data.train_labels,
+                              batch_size=config.eval.batch_size, key=eval_key),
+      'test': train.evaluate(eval_step, state.variables(), data.test_images, data.test_labels,
+                             batch_size=config.eval.batch_size, key=eval_key),
+  }
+  final['row'] = final_row(strength, final)
+  write_json(final_path, final)
+  ckpt.close()
+  r = final['row']
+  print(f'[ar{strength:g}] final: train acc {r["train_acc"]:.2f}%  test acc {r["test_acc"]:.2f}%  '
+        f'PGD acc {r["pgd_acc"]:.2f}%  train loss {r["train_loss"]:.4f}  test loss {r["test_loss"]:.4f}', flush=True)
+  return final
+
+
+def tx_lr(train_cfg, steps_per_epoch: int, step: int) -> float:
+  """The learning rate of the schedule in :func:`train.make_optimizer` at ``step``."""
+  lr = train_cfg.learning_rate
+  for b in train_cfg.lr_boundaries:
+    if step >= int(b) * steps_per_epoch:
+      lr *= train_cfg.lr_decay
+  return lr
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Validates ``config``, loads the data, trains every member of ``config.sweep`` into ``workdir``.
+
+  Returns the summary (also written to ``workdir/summary.json``). Nothing is written before the config and the
+  data have been checked.
+  """
+  configuration.validate(config)
+  mesh = sharding.make_mesh()
+  sharding.check_divisible(config.train.batch_size, mesh, 'config.train.batch_size')
+  sharding.check_divisible(config.eval.batch_size, mesh, 'config.eval.batch_size')
+  ds = get_dataset(config.data)
+  _check_sizes(config, ds)
+  logging.info('%s: %d train / %d test examples, %d classes, image %s; %d device(s)', ds.name,
+               ds.train_images.shape[0], ds.test_images.shape[0], ds.num_classes, ds.image_shape, mesh.size)
+
+  os.makedirs(workdir, exist_ok=True)
+  write_json(os.path.join(workdir, 'config.json'), _config_dict(config))
+  data = _DeviceData(ds, mesh)
+  rows = []
+  t0 = time.time()
+  for strength in config.sweep:
+    final = train_one(config, float(strength), ds, data, mesh,
+                      os.path.join(workdir, configuration.run_name(strength)))
+    rows.append(final['row'])
+    summary = {'dataset': ds.name, 'model': config.model.name, 'paper': config.paper,
+               'attack': config.attack.kind, 'strength_unit': config.attack.strength_unit, 'rows': rows}
+    write_json(os.path.join(workdir, 'summary.json'), summary)
+  logging.info('sweep finished in %.1f s', time.time() - t0)
+  return summary

@@ -1,0 +1,108 @@
+"""Layers shared by the models: a convolution with an explicit VJP and a reshape-based 2×2 max-pool.
+
+Why not ``flax.linen.Conv`` and ``flax.linen.max_pool``: on XLA:CPU the input gradient that JAX derives for a
+convolution is lowered to a naive loop when it sits inside a ``lax.while_loop`` (the PGD loop), and the input
+gradient of ``reduce_window`` max-pooling is slow everywhere on CPU (see ``../shared/CPU_NOTES.md``). ``conv2d``
+below computes the same function as ``lax.conv_general_dilated`` but writes its VJP as two explicit convolutions
+(a transposed convolution for the input, a batch-contracting convolution for the kernel), which every backend
+lowers to its fast convolution kernels. The attack benchmark (``benchmarks/attack_throughput.py``) measures it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _same_padding(size: int, k: int, s: int) -> tuple[int, int]:
+  """XLA 'SAME' padding (lo, hi) for one spatial dimension."""
+  out = -(-size // s)
+  total = max((out - 1) * s + k - size, 0)
+  return total // 2, total - total // 2
+
+
+def _conv(x, w, strides, padding):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int] = (1, 1)) -> jax.Array:
+  """'SAME'-padded 2-D convolution, NHWC input, HWIO kernel; identical to ``lax.conv_general_dilated``."""
+  pads = [_same_padding(x.shape[1 + i], w.shape[i], strides[i]) for i in range(2)]
+  return _conv(x, w, strides, pads)
+
+
+def _conv2d_fwd(x, w, strides):
+  return conv2d(x, w, strides), (x, w)
+
+
+def _conv2d_bwd(strides, res, g):
+  x, w = res
+  kh, kw = w.shape[:2]
+  pads = [_same_padding(x.shape[1 + i], w.shape[i], strides[i]) for i in range(2)]
+  # dL/dx: the transposed convolution. Dilate g by the stride, pad so that the flipped kernel visits every input
+  # position it touched in the forward pass, and correlate with the spatially flipped, in/out-swapped kernel.
+  w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+  dx_pads = []
+  for i, k in enumerate((kh, kw)):
+    lo, _ = pads[i]
+    size_in = x.shape[1 + i]
+    dilated = (g.shape[1 + i] - 1) * strides[i] + 1
+    pad_lo = k - 1 - lo
+    pad_hi = size_in + k - 1 - pad_lo - dilated
+    dx_pads.append((pad_lo, pad_hi))
+  dx = lax.conv_general_dilated(g, w_t, (1, 1), dx_pads, lhs_dilation=strides, dimension_numbers=_DN)
+  # dL/dw: correlate the input with the output gradient over the batch (batch is the contracted 'feature' dim).
+  # Output length per spatial dim: H + lo + hi - (Ho - 1) * s, which must equal k.
+  dw_pads = [(pads[i][0], k + (g.shape[1 + i] - 1) * strides[i] - x.shape[1 + i] - pads[i][0])
+             for i, k in enumerate((kh, kw))]
+  dw = lax.conv_general_dilated(
+      x.transpose(3, 1, 2, 0),  # (Cin, H, W, N): the batch acts as the contracted feature dimension
+      g.transpose(1, 2, 0, 3),  # (Ho, Wo, N, Cout): the 'kernel', dilated by the stride
+      window_strides=(1, 1), padding=dw_pads, rhs_dilation=strides, dimension_numbers=_DN,
+  )  # (Cin, kh, kw, Cout)
+  dw = dw.transpose(1, 2, 0, 3)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2×2 max-pool with stride 2 (NHWC, even H and W), written as reshape + max for a fast input gradient."""
+  n, h, w, c = x.shape
+  if h % 2 or w % 2:
+    raise ValueError(f'max_pool_2x2 needs even spatial sizes, got {h}x{w}')
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class Conv(nn.Module):
+  """'SAME'-padded convolution with an HWIO ``kernel`` (and optional ``bias``), computed by :func:`conv2d`.
+
+  Attributes mirror ``flax.linen.Conv``; the spectral toolkit reads ``kernel_size`` and ``strides`` to know the
+  linear operator each layer applies.
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  use_bias: bool = False
+  kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+  bias_init: Callable[..., Any] = nn.initializers.zeros_init()
+  dtype: Any = None  # computation dtype (None: the input's)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
+    dtype = self.dtype or x.dtype
+    y = conv2d(x.astype(dtype), kernel.astype(dtype), tuple(self.strides))
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32).astype(dtype)
+    return y

@@ -1,0 +1,202 @@
+"""The training state, the compiled adversarial training step and the evaluation step.
+
+One training step is one pure function, jitted once per run with its state donated: gather the batch from the
+device-resident uint8 dataset, augment it (keyed), craft adversarial examples against the current weights (PGD,
+FGSM, or none at AR strength 0; the attack's steps run inside the same program), and apply one optax update on the
+adversarial batch (Madry et al. 2018): θ ← θ − η ∇_θ (1/B) Σ_i CE(f_θ(x_i + δ_i*), y_i).
+
+BatchNorm models (WRN-50-2, ``resnet*_bn``): by default the attack runs the network in inference mode (running
+statistics) and never updates them, so crafting δ* does not move the statistics the update then uses; the config
+switch ``attack.bn_mode = 'batch'`` makes the attack normalize with the batch's own statistics instead (still without
+updating the running averages). The parameter update itself always uses batch statistics and updates the running
+averages once per step, as in standard training.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import chex
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from arreg_jax import attacks
+from arreg_jax.data import augment
+
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training (and is checkpointed): a pytree of arrays."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any  # {} for models without BatchNorm
+  opt_state: Any
+
+  def variables(self) -> dict:
+    return {'params': self.params, 'batch_stats': self.batch_stats} if self.batch_stats else {'params': self.params}
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD with momentum (or Adam) on a piecewise-constant schedule (SPEC §3).
+
+  The learning rate starts at ``learning_rate`` and is multiplied by ``lr_decay`` at each epoch in
+  ``lr_boundaries`` (CIFAR: 0.05, ÷10 at epochs 100 and 150). ``weight_decay`` adds λθ to the gradient before the
+  momentum, as PyTorch's SGD does.
+  """
+  schedule = optax.piecewise_constant_schedule(
+      train_cfg.learning_rate,
+      {int(b) * steps_per_epoch: float(train_cfg.lr_decay) for b in train_cfg.lr_boundaries})
+  if train_cfg.optimizer == 'sgd':
+    opt = optax.sgd(schedule, momentum=train_cfg.momentum or None, nesterov=bool(train_cfg.nesterov))
+  else:
+    opt = optax.adam(schedule)
+  if train_cfg.weight_decay:
+    opt = optax.chain(optax.add_decayed_weights(train_cfg.weight_decay), opt)
+  return opt
+
+
+def init_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get('batch_stats', {}),
+                    opt_state=tx.init(params))
+
+
+def attack_eps(attack_cfg: ml_collections.ConfigDict, strength: float, step, ramp_steps: int):
+  """ε at a training step: strength × unit, ramped linearly from 0 over the first ``ramp_steps`` steps."""
+  eps = float(strength) * float(attack_cfg.strength_unit)
+  if ramp_steps > 0:
+    eps = eps * jnp.minimum(1.0, (step + 1).astype(jnp.float32) / ramp_steps)
+  return eps
+
+
+def make_attack(attack_cfg: ml_collections.ConfigDict, strength: float) -> Callable | None:
+  """``attack(logits_fn, images, labels, key, eps) -> adversarial images``, or None for standard training."""
+  if strength == 0 or attack_cfg.kind == 'none':
+    return None
+  steps = 1 if attack_cfg.kind == 'fgsm' else int(attack_cfg.steps)
+
+  def attack(logits_fn, images, labels, key, eps):
+    step_size = attack_cfg.step_size if attack_cfg.step_size is not None else attack_cfg.step_size_rel * eps
+    if attack_cfg.kind == 'fgsm':
+      return attacks.fgsm(logits_fn, images, labels, key, eps=eps, random_start=attack_cfg.random_start,
+                          step_size=attack_cfg.step_size if attack_cfg.step_size is not None else None,
+                          norm=attack_cfg.norm)
+    return attacks.pgd(logits_fn, images, labels, key, eps=eps, step_size=step_size, steps=steps,
+                       norm=attack_cfg.norm, random_start=attack_cfg.random_start)
+  return attack
+
+
+def _logits_fn(module: nn.Module, variables: dict, *, train: bool):
+  """images -> logits with fixed ``variables``; batch statistics (if ``train``) are used but not kept."""
+  if train and 'batch_stats' in variables:
+    return lambda x: module.apply(variables, x, train=True, mutable=['batch_stats'])[0]
+  return lambda x: module.apply(variables, x, train=train)
+
+
+def make_train_step(module: nn.Module, tx: optax.GradientTransformation, *, config: ml_collections.ConfigDict,
+                    strength: float, augment_kind: str, steps_per_epoch: int, batch_sharding, base_key: jax.Array):
+  """Returns the jitted ``train_step(state, images, labels, batch_index) -> (state, metrics)``.
+
+  ``images``/``labels`` are the whole device-resident training set (uint8 NHWC, int32); ``batch_index`` (int32,
+  shape (B,)) selects this step's examples. The step's randomness is ``fold_in(base_key, state.step)``, so a run
+  resumed from a checkpoint draws exactly the keys an uninterrupted run would. Metrics are sums over the batch
+  (``loss_sum``, ``correct``, ``count``), measured on the examples trained on (adversarial ones when AR > 0).
+  """
+  attack = make_attack(config.attack, strength)
+  ramp_steps = int(round(config.train.eps_ramp_epochs * steps_per_epoch))
+  attack_train_mode = config.attack.bn_mode == 'batch'
+
+  def train_step(state: TrainState, images, labels, batch_index):
+    chex.assert_type(images, jnp.uint8)
+    key = jax.random.fold_in(base_key, state.step)
+    k_aug, k_att = jax.random.split(key)
+    x = jax.lax.with_sharding_constraint(images[batch_index], batch_sharding)
+    y = jax.lax.with_sharding_constraint(labels[batch_index], batch_sharding)
+    x = augment.preprocess(k_aug, x, kind=augment_kind, train=True)
+    if attack is not None:
+      fixed = _logits_fn(module, state.variables(), train=attack_train_mode)
+      x = attack(fixed, x, y, k_att, attack_eps(config.attack, strength, state.step, ramp_steps))
+
+    def loss_fn(params):
+      variables = {'params': params}
+      if state.batch_stats:
+        variables['batch_stats'] = state.batch_stats
+        logits, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
+        new_stats = updates['batch_stats']
+      else:
+        logits, new_stats = module.apply(variables, x, train=True), {}
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      return jnp.mean(ce), (logits, new_stats)
+
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+    metrics = {
+        'loss_sum': loss * y.shape[0],
+        'correct': jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.float32),
+        'count': jnp.asarray(y.shape[0], jnp.float32),
+    }
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_eval_step(module: nn.Module, *, augment_kind: str, pgd_cfg: ml_collections.ConfigDict | None):
+  """Returns the jitted ``eval_step(variables, images, labels, mask, key) -> metric sums``.
+
+  Clean cross-entropy and accuracy over the examples with ``mask`` = 1 and, if ``pgd_cfg`` is given, the PGD
+  accuracy of SPEC §5: among examples classified correctly when clean, those still correct after L∞ PGD
+  (``pgd_cfg.eps``, ``steps`` steps of ``step_size``, random start) — ``pgd_correct`` / ``clean_correct``.
+  """
+
+  def eval_step(variables, images, labels, mask, key):
+    x = augment.preprocess(key, images, kind=augment_kind, train=False)
+    logits_fn = _logits_fn(module, variables, train=False)
+    logits = logits_fn(x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    out = {
+        'loss_sum': jnp.sum(jnp.where(mask, ce, 0.0)),
+        'correct': jnp.sum(correct).astype(jnp.float32),
+        'count': jnp.sum(mask).astype(jnp.float32),
+    }
+    if pgd_cfg is not None:
+      x_adv = attacks.pgd(logits_fn, x, labels, key, eps=pgd_cfg.eps, step_size=pgd_cfg.step_size,
+                          steps=int(pgd_cfg.steps), norm='linf', random_start=True)
+      still = (jnp.argmax(logits_fn(x_adv), -1) == labels) & correct
+      out['pgd_correct'] = jnp.sum(still).astype(jnp.float32)
+    return out
+
+  return jax.jit(eval_step)
+
+
+def evaluate(eval_step, variables, images: jax.Array, labels: jax.Array, *, batch_size: int, key: jax.Array,
+             limit: int | None = None) -> dict[str, float]:
+  """Runs ``eval_step`` over the first ``limit`` examples (all if None) in fixed-size padded batches.
+
+  Returns ``loss`` (mean CE), ``acc`` and, if computed, ``pgd_acc`` (over the clean-correct examples) and the raw
+  counts.
+  """
+  n = images.shape[0] if limit is None else min(limit, images.shape[0])
+  totals: dict[str, Any] = {}
+  for b, start in enumerate(range(0, n, batch_size)):
+    stop = min(start + batch_size, n)
+    idx = np.arange(start, start + batch_size) % images.shape[0]  # pad by wrapping; masked out below
+    mask = np.arange(start, start + batch_size) < stop
+    out = eval_step(variables, images[idx], labels[idx], jnp.asarray(mask), jax.random.fold_in(key, b))
+    totals = out if not totals else jax.tree.map(jnp.add, totals, out)
+  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+  result = {'loss': totals['loss_sum'] / totals['count'], 'acc': totals['correct'] / totals['count'],
+            'count': int(totals['count'])}
+  if 'pgd_correct' in totals:
+    result['pgd_acc'] = totals['pgd_correct'] / max(totals['correct'], 1.0)
+    result['clean_correct'] = int(totals['correct'])
+  return result

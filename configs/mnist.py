@@ -1,0 +1,33 @@
+"""The embedded default: a small CNN on the MNIST subset shipped in the package, AR sweep ε ∈ {0, 0.1, 0.2, 0.3}.
+
+    python -m arreg_jax.main --config configs/mnist.py --workdir runs/mnist
+
+Needs no download. Trains four models (standard training and L∞ PGD-10 adversarial training at ε = 0.1, 0.2,
+0.3, step 0.25 ε, random start), evaluating clean accuracy and PGD accuracy (ε = 0.2, 10 steps of 0.05) over the
+clean-correct test examples. ε is ramped from 0 over the first two epochs: at ε = 0.3 from the first step the network
+stays at chance (see ../shared/CPU_NOTES.md). Minutes on a laptop CPU.
+"""
+
+from arreg_jax import configuration
+
+
+def get_config(arg=None):
+  c = configuration.base_config()
+  c.data.name = 'mnist'
+  c.data.source = 'embedded'
+  c.model.name = 'small_cnn'
+  c.train.epochs = 8
+  c.train.batch_size = 128
+  c.train.optimizer = 'sgd'
+  c.train.learning_rate = 0.05
+  c.train.lr_boundaries = (6,)
+  c.train.eps_ramp_epochs = 2.0
+  c.attack.strength_unit = 1.0
+  c.attack.step_size = None
+  c.attack.step_size_rel = 0.25
+  c.sweep = (0.0, 0.1, 0.2, 0.3)
+  c.eval.pgd_eps = 0.2
+  c.eval.pgd_step_size = 0.05
+  c.eval.pgd_steps = 10
+  c.eval.pgd_examples_per_epoch = 500
+  return configuration.from_arg(c, arg)

@@ -7,6 +7,7 @@ are printed as one line, without a traceback, and exit with status 2.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import app
@@ -31,16 +32,59 @@ def main(argv):
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= logging.converter.STANDARD_WARNING or '/orbax/' not in r.pathname)
   try:
-    experiment.run(FLAGS.config, FLAGS.workdir)
+    config = FLAGS.config
+    config.keys()  # a config file that failed to load raises here, not at parse time
   except ArregError as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
+    _fail(str(e))
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, ImportError, SyntaxError) as e:
+    _config_failure(e)
+  try:
+    experiment.run(config, FLAGS.workdir)
+  except ArregError as e:
+    _fail(str(e))
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """Parses flags; a bad config file, config argument or ``--config.x=...`` override is one clear error."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{_last_error_line(str(e))} (flag parsing). Run with --helpfull for the flags.')
+  except ArregError as e:
+    _fail(str(e))
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    _config_failure(e)
+
+
+def _last_error_line(text: str) -> str:
+  """The message of the innermost exception in ``text`` (config_flags embeds whole tracebacks in its errors)."""
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if not any(line.startswith('Traceback') for line in lines):
+    return ' '.join(lines)
+  errors = [line for line in lines if re.match(r'^[\w.]+(Error|Exception)\b', line)]
+  line = errors[-1] if errors else lines[-1]
+  return line.split(': ', 1)[1] if ': ' in line else line
+
+
+def _config_failure(e: Exception) -> None:
+  detail = _last_error_line(str(e)).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
+  missing = re.search(r"No such file or directory: '([^']+)'", str(e))
+  if missing:
+    _fail(f'config file {missing.group(1)} does not exist; pass one such as --config configs/mnist.py')
+  if 'Failed loading config file' in str(e):
+    _fail(f'cannot load the config file given to --config: {detail}')
+  _fail(f'cannot apply the config: {detail}. Valid keys and their defaults are in arreg_jax/configuration.py '
+        '(base_config); the config file must define get_config(arg=None)')
 
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

@@ -27,6 +27,9 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     'resnet20_bn': lambda num_classes, dtype: resnet.CifarResNet(20, num_classes, use_bn=True, dtype=dtype),
     'resnet56_bn': lambda num_classes, dtype: resnet.CifarResNet(56, num_classes, use_bn=True, dtype=dtype),
     'wrn50_2': lambda num_classes, dtype: wrn.WideResNet50(num_classes, widen_factor=2, dtype=dtype),
+    # The same bottleneck/BatchNorm code at 1/8 width and one unit per group, for smoke runs and tests.
+    'wrn_smoke': lambda num_classes, dtype: wrn.WideResNet50(num_classes, widen_factor=2, stage_sizes=(1, 1, 1, 1),
+                                                             base_width=8, dtype=dtype),
 }
 
 # Input shape each model is designed for (used when ``create`` is not given one).
@@ -34,7 +37,7 @@ DEFAULT_INPUT_SHAPE = {
     'small_cnn': (28, 28, 1), 'lenet': (28, 28, 1),
     'resnet20': (32, 32, 3), 'resnet56': (32, 32, 3), 'resnet110': (32, 32, 3),
     'resnet20_bn': (32, 32, 3), 'resnet56_bn': (32, 32, 3),
-    'wrn50_2': (56, 56, 3),
+    'wrn50_2': (56, 56, 3), 'wrn_smoke': (56, 56, 3),
 }
 
 MODEL_NAMES = tuple(sorted(_BUILDERS))

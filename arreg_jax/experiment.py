@@ -266,3 +266,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_json(os.path.join(workdir, 'summary.json'), summary)
   logging.info('sweep finished in %.1f s', time.time() - t0)
   return summary
+
+
+def load_run(run_dir: str, *, epoch: int | None = None):
+  """Restores a trained run for analysis: returns ``(config, module, variables, dataset)``.
+
+  ``config`` is the run's ``config.json`` (with its ``strength``) as a ConfigDict, ``module`` the Flax module,
+  ``variables`` the Flax variables (``params`` and, for BatchNorm models, ``batch_stats``) of checkpoint ``epoch``
+  (default: the latest), ``dataset`` the :class:`arreg_jax.data.Dataset` the run was trained on.
+  """
+  cfg_dict = read_json(os.path.join(run_dir, 'config.json'))
+  strength = cfg_dict.pop('strength')
+  config = configuration.base_config()
+  config.update_from_flattened_dict(_flatten(cfg_dict))
+  config.sweep = (strength,)
+  ds = get_dataset(config.data)
+  module = models.get_module(config.model.name, num_classes=ds.num_classes)
+  _, variables = models.create(config.model.name, num_classes=ds.num_classes, key=jax.random.key(config.seed),
+                               input_shape=ds.image_shape)
+  tx = train.make_optimizer(config.train, max(ds.num_train // config.train.batch_size, 1))
+  state = train.init_state(variables, tx)
+  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, 'checkpoints'), keep=config.checkpoint.keep)
+  epoch = epoch or ckpt.latest_epoch()
+  if not epoch:
+    raise ConfigError(f'{run_dir} has no checkpoint to analyse; train it first')
+  state = ckpt.restore(epoch, state)
+  ckpt.close()
+  return config, module, state.variables(), ds
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = tuple(v) if isinstance(v, list) else v
+  return out

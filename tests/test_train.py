@@ -1,0 +1,114 @@
+"""Training pieces: the schedule, the ε ramp, BatchNorm handling in the step, evaluation masking."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from arreg_jax import configuration, experiment, models, sharding, train
+
+
+def test_piecewise_constant_schedule_matches_paper():
+  """lr 0.05, ÷10 at epochs 100 and 150 (D.3): read off the actual SGD updates (momentum 0: u = -lr·g)."""
+  cfg = configuration.cifar_paper('cifar10', 'resnet56').train
+  cfg.momentum = 0.0
+  steps = 2
+  tx = train.make_optimizer(cfg, steps)
+  params = {'w': jnp.zeros(())}
+  state = tx.init(params)
+  update = jax.jit(lambda s: tx.update({'w': jnp.ones(())}, s, params))
+  seen = {}
+  for step in range(151 * steps):
+    u, state = update(state)
+    seen[step] = -float(u['w'])
+  for step, lr in ((0, 0.05), (100 * steps - 1, 0.05), (100 * steps, 0.005), (150 * steps - 1, 0.005),
+                   (150 * steps, 0.0005)):
+    assert abs(seen[step] - lr) < 1e-9, (step, seen[step])
+    assert abs(experiment.tx_lr(cfg, steps, step) - lr) < 1e-12
+
+
+def test_sgd_momentum_update_is_pytorch_sgd():
+  cfg = configuration.base_config().train
+  cfg.learning_rate, cfg.momentum, cfg.weight_decay, cfg.lr_boundaries = 0.1, 0.9, 0.01, ()
+  tx = train.make_optimizer(cfg, 10)
+  p = {'w': jnp.array([1.0, -2.0])}
+  g = {'w': jnp.array([0.5, 0.5])}
+  s = tx.init(p)
+  buf = np.zeros(2)
+  w = np.array([1.0, -2.0])
+  for _ in range(3):  # torch.optim.SGD(lr, momentum, weight_decay): d = g + wd·w; buf = m·buf + d; w -= lr·buf
+    u, s = tx.update(g, s, p)
+    p = optax.apply_updates(p, u)
+    buf = 0.9 * buf + (0.5 + 0.01 * w)
+    w = w - 0.1 * buf
+  np.testing.assert_allclose(p['w'], w, rtol=1e-6)
+
+
+def test_eps_ramp():
+  a = ml_collections.ConfigDict({'strength_unit': 1 / 255})
+  assert abs(float(train.attack_eps(a, 8, jnp.asarray(99), 0)) - 8 / 255) < 1e-9
+  eps = [float(train.attack_eps(a, 8, jnp.asarray(s), 100)) for s in (0, 49, 99, 500)]
+  np.testing.assert_allclose(eps, [8 / 255 / 100, 8 / 255 / 2, 8 / 255, 8 / 255], rtol=1e-6)
+
+
+def _step_for(name, strength, bn_mode='eval'):
+  cfg = configuration.base_config()
+  cfg.attack.bn_mode = bn_mode
+  cfg.attack.steps = 2
+  module = models.get_module(name, num_classes=10)
+  _, variables = models.create(name, num_classes=10, key=jax.random.key(0))
+  tx = train.make_optimizer(cfg.train, 4)
+  mesh = sharding.make_mesh()
+  state = jax.device_put(train.init_state(variables, tx), sharding.replicated(mesh))
+  step = train.make_train_step(module, tx, config=cfg, strength=strength, augment_kind='cifar', steps_per_epoch=4,
+                               batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
+  labels = jnp.asarray(np.arange(16) % 10, jnp.int32)
+  return state, step, images, labels
+
+
+def test_batchnorm_step_updates_running_stats_once():
+  for mode in ('eval', 'batch'):
+    state, step, images, labels = _step_for('resnet20_bn', 8.0, mode)
+    before = jax.tree.map(np.asarray, state.batch_stats)
+    state, metrics = step(state, images, labels, jnp.arange(8, dtype=jnp.int32))
+    after = state.batch_stats
+    assert int(state.step) == 1 and np.isfinite(float(metrics['loss_sum']))
+    # Running means move by (1 - momentum) = 0.1 toward one batch's statistics: a single update, not one per
+    # attack step (which would compound to 1 - 0.9^3 of the way).
+    m0 = before['bn_init']['mean']
+    m1 = np.asarray(after['bn_init']['mean'])
+    assert np.all(m0 == 0) and np.any(m1 != 0)
+    x = train.augment.preprocess(None, images[:8], kind='cifar', train=False)
+    del x
+
+
+def test_train_step_compiles_once_and_is_deterministic():
+  state, step, images, labels = _step_for('resnet20', 8.0)
+  s2 = jax.tree.map(jnp.copy, state)
+  idx = jnp.arange(8, dtype=jnp.int32)
+  a, _ = step(state, images, labels, idx)
+  a, _ = step(a, images, labels, idx + 8)
+  b, _ = step(s2, images, labels, idx)
+  b, _ = step(b, images, labels, idx + 8)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+  assert step._cache_size() == 1
+
+
+def test_evaluate_masks_padding_and_counts_pgd_over_clean_correct():
+  module = models.get_module('small_cnn', num_classes=10)
+  _, variables = models.create('small_cnn', num_classes=10, key=jax.random.key(0))
+  cfg = ml_collections.ConfigDict({'eps': 0.0, 'step_size': 0.0, 'steps': 1})
+  step = train.make_eval_step(module, augment_kind='none', pgd_cfg=cfg)
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (37, 28, 28, 1), dtype=np.uint8))
+  labels = jnp.asarray(np.arange(37) % 10, jnp.int32)
+  out = train.evaluate(step, variables, images, labels, batch_size=16, key=jax.random.key(0))
+  logits = module.apply(variables, images.astype(jnp.float32) / 255)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  assert out['count'] == 37
+  np.testing.assert_allclose(out['loss'], float(ce.mean()), rtol=1e-5)
+  np.testing.assert_allclose(out['acc'], float((logits.argmax(-1) == labels).mean()), rtol=1e-6)
+  # ε = 0: the attack changes nothing, so every clean-correct example stays correct.
+  assert out['pgd_acc'] == 1.0 or out['clean_correct'] == 0

@@ -19,6 +19,7 @@ ATTACKS = ('pgd', 'fgsm', 'none')
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.precision = 'float32'             # 'float32' | 'bfloat16' (compute in bf16; params, optimizer, loss in f32)
   # The paper experiment this config reproduces (a key of arreg_jax.report.paper), or None.
   c.paper = ml_collections.FieldReference(None, field_type=str)
 
@@ -46,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr_boundaries = (100, 150)  # epochs at which the learning rate is multiplied by lr_decay
   c.train.lr_decay = 0.1
   c.train.eps_ramp_epochs = 0.0       # ramp the attack's ε linearly from 0 over this many epochs
+  c.train.steps_per_call = 1          # training steps per host dispatch (a lax.scan inside one program)
 
   # The training attack. AR strength s (an entry of `sweep`) means ε = s × strength_unit.
   c.attack = ml_collections.ConfigDict()
@@ -71,6 +73,37 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3
+
+  # The analysis and report run after the sweep (arreg_jax.analysis, arreg_jax.report; SPEC §5–6).
+  c.analysis = ml_collections.ConfigDict()
+  c.analysis.enabled = True           # analyse every finished run and write report.md at the end of run()
+  # Margins, probabilities and losses (Fig. 1b, 4, 5a,b) over the first N examples of each split (None = all).
+  c.analysis.max_train_examples = ml_collections.FieldReference(None, field_type=int)
+  c.analysis.max_test_examples = ml_collections.FieldReference(None, field_type=int)
+  c.analysis.bins = 60                # histogram bins; the edges are fixed, the same for every run
+  c.analysis.margin_range = (-20.0, 20.0)  # margin histogram range (logits); outside values go to the end bins
+  c.analysis.margin_tau = 1.0         # also report the fraction of examples with |margin| < tau
+  c.analysis.loss_range = (0.0, 10.0)
+  # Loss variation (B.5, Table 1): L∞ radii as fractions of eval.pgd_eps (1/8, 1/4, 1/2 of 8/255 = 1, 2, 4 /255),
+  # PGD from the clean input with `steps` steps of step_rel·ε, over the first N test examples (None = all).
+  c.analysis.loss_variation_eps_rel = (0.125, 0.25, 0.5)
+  c.analysis.loss_variation_examples = ml_collections.FieldReference(500, field_type=int)
+  c.analysis.loss_variation_steps = 10
+  c.analysis.loss_variation_step_rel = 0.25
+  # v_min of Theorem 3.1 (arreg_jax.analysis.boundary): screen N training examples by their first-order distance
+  # to the boundary, refine the K closest by bisection (rounds × L2 PGD steps).
+  c.analysis.boundary_screen_examples = 1000
+  c.analysis.boundary_refine_examples = 32
+  c.analysis.boundary_rounds = 10
+  c.analysis.boundary_steps = 10
+  # Constants of the bound (eq. 4): ramp width γ (None = the median training margin), covering constant C_X and
+  # dimension k, covering radius ε (None = the run's training ε, or eval.pgd_eps at AR 0), confidence η.
+  c.analysis.bound = ml_collections.ConfigDict()
+  c.analysis.bound.gamma = ml_collections.FieldReference(None, field_type=float)
+  c.analysis.bound.c_x = 1.0
+  c.analysis.bound.k = 10.0
+  c.analysis.bound.eps = ml_collections.FieldReference(None, field_type=float)
+  c.analysis.bound.eta = 0.05
   return c
 
 
@@ -107,6 +140,12 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.eps_ramp_epochs = min(c.train.eps_ramp_epochs, 1.0)
   c.eval.batch_size = 64
   c.eval.pgd_examples_per_epoch = 64
+  c.analysis.loss_variation_examples = 64
+  c.analysis.loss_variation_steps = 3
+  c.analysis.boundary_screen_examples = 64
+  c.analysis.boundary_refine_examples = 8
+  c.analysis.boundary_rounds = 4
+  c.analysis.boundary_steps = 3
   c.sweep = tuple(c.sweep)[:2]
   smoke_models = {'resnet56': 'resnet20', 'resnet110': 'resnet20', 'resnet56_bn': 'resnet20_bn',
                   'wrn50_2': 'wrn_smoke', 'lenet': 'small_cnn'}
@@ -167,6 +206,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(t.learning_rate > 0, f'config.train.learning_rate must be > 0, got {t.learning_rate}')
   need(0 <= t.momentum < 1, f'config.train.momentum must be in [0, 1), got {t.momentum}')
   need(t.weight_decay >= 0, f'config.train.weight_decay must be >= 0, got {t.weight_decay}')
+  need(t.steps_per_call >= 1, f'config.train.steps_per_call must be >= 1, got {t.steps_per_call}')
+  need(c.precision in ('float32', 'bfloat16'),
+       f"config.precision must be 'float32' or 'bfloat16', got {c.precision!r}")
   need(t.eps_ramp_epochs >= 0, f'config.train.eps_ramp_epochs must be >= 0, got {t.eps_ramp_epochs}')
   need(list(t.lr_boundaries) == sorted(t.lr_boundaries), 'config.train.lr_boundaries must be increasing')
   a = c.attack

@@ -134,9 +134,10 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
                       'resume it with its own config, or choose another --workdir')
   write_json(cfg_path, run_cfg)
 
-  module = models.get_module(config.model.name, num_classes=ds.num_classes)
+  module = models.get_module(config.model.name, num_classes=ds.num_classes, dtype=compute_dtype(config))
   root = jax.random.key(config.seed)
   init_key, train_key, eval_key = jax.random.split(root, 3)
+  perm_key = jax.random.fold_in(root, 7)
   _, variables = models.create(config.model.name, num_classes=ds.num_classes, key=init_key,
                                input_shape=ds.image_shape)
   batch = config.train.batch_size
@@ -153,9 +154,16 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
   metrics_path = os.path.join(run_dir, 'metrics.jsonl')
   _rewrite_metrics(metrics_path, start_epoch)
 
-  train_step = train.make_train_step(module, tx, config=config, strength=strength, augment_kind=ds.augment,
-                                     steps_per_epoch=steps_per_epoch, batch_sharding=sharding.batch_sharding(mesh),
-                                     base_key=train_key)
+  # Steps run `steps_per_call` at a time in one dispatch; an epoch's leftover steps use a second, shorter program.
+  per_call = min(config.train.steps_per_call, steps_per_epoch)
+  calls = [per_call] * (steps_per_epoch // per_call) + ([steps_per_epoch % per_call] if steps_per_epoch % per_call
+                                                         else [])
+  step_kw = dict(config=config, strength=strength, augment_kind=ds.augment, steps_per_epoch=steps_per_epoch,
+                 batch_size=batch, batch_sharding=sharding.batch_sharding(mesh), base_key=train_key)
+  multi_steps = {k: train.make_multi_step(module, tx, steps_per_call=k, **step_kw) for k in set(calls)}
+  permutation = jax.jit(lambda epoch: jax.random.permutation(jax.random.fold_in(perm_key, epoch), data.num_train
+                                                             ).astype(jnp.int32),
+                        out_shardings=sharding.replicated(mesh))
   pgd_cfg = ml_collections.ConfigDict({'eps': config.eval.pgd_eps, 'step_size': config.eval.pgd_step_size,
                                        'steps': config.eval.pgd_steps})
   eval_step = train.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=pgd_cfg)
@@ -165,10 +173,10 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
   epoch_times = []
   for epoch in range(start_epoch + 1, epochs + 1):
     t0 = time.time()
-    perm = np.random.default_rng([config.seed, epoch]).permutation(data.num_train).astype(np.int32)
+    perm = permutation(epoch)
     sums = None
-    for i in range(steps_per_epoch):
-      state, m = train_step(state, data.train_images, data.train_labels, perm[i * batch:(i + 1) * batch])
+    for k in calls:
+      state, m = multi_steps[k](state, data.train_images, data.train_labels, perm)
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
     sums = {k: float(v) for k, v in jax.device_get(sums).items()}
     train_time = time.time() - t0
@@ -228,6 +236,12 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
   return final
 
 
+def compute_dtype(config: ml_collections.ConfigDict):
+  """The models' computation dtype: bfloat16 activations and matmuls for ``precision='bfloat16'``; parameters,
+  optimizer state, logits, softmax and loss stay float32."""
+  return jnp.bfloat16 if config.precision == 'bfloat16' else None
+
+
 def tx_lr(train_cfg, steps_per_epoch: int, step: int) -> float:
   """The learning rate of the schedule in :func:`train.make_optimizer` at ``step``."""
   lr = train_cfg.learning_rate
@@ -281,7 +295,7 @@ def load_run(run_dir: str, *, epoch: int | None = None):
   config.update_from_flattened_dict(_flatten(cfg_dict))
   config.sweep = (strength,)
   ds = get_dataset(config.data)
-  module = models.get_module(config.model.name, num_classes=ds.num_classes)
+  module = models.get_module(config.model.name, num_classes=ds.num_classes, dtype=compute_dtype(config))
   _, variables = models.create(config.model.name, num_classes=ds.num_classes, key=jax.random.key(config.seed),
                                input_shape=ds.image_shape)
   tx = train.make_optimizer(config.train, max(ds.num_train // config.train.batch_size, 1))

@@ -100,9 +100,9 @@ def _logits_fn(module: nn.Module, variables: dict, *, train: bool):
   return lambda x: module.apply(variables, x, train=train)
 
 
-def make_train_step(module: nn.Module, tx: optax.GradientTransformation, *, config: ml_collections.ConfigDict,
+def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config: ml_collections.ConfigDict,
                     strength: float, augment_kind: str, steps_per_epoch: int, batch_sharding, base_key: jax.Array):
-  """Returns the jitted ``train_step(state, images, labels, batch_index) -> (state, metrics)``.
+  """Returns the pure ``train_step(state, images, labels, batch_index) -> (state, metrics)``.
 
   ``images``/``labels`` are the whole device-resident training set (uint8 NHWC, int32); ``batch_index`` (int32,
   shape (B,)) selects this step's examples. The step's randomness is ``fold_in(base_key, state.step)``, so a run
@@ -146,7 +146,35 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation, *, conf
     }
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  return train_step
+
+
+def make_train_step(module: nn.Module, tx: optax.GradientTransformation, **kw):
+  """The jitted, state-donating single step of :func:`train_step_fn`:
+  ``train_step(state, images, labels, batch_index) -> (state, metrics)``."""
+  return jax.jit(train_step_fn(module, tx, **kw), donate_argnums=(0,))
+
+
+def make_multi_step(module: nn.Module, tx: optax.GradientTransformation, *, steps_per_call: int, batch_size: int,
+                    steps_per_epoch: int, **kw):
+  """Returns the jitted ``multi_step(state, images, labels, perm) -> (state, metric sums)``.
+
+  Runs ``steps_per_call`` training steps in one dispatch (a ``lax.scan``); step t of an epoch trains on
+  ``perm[t·B:(t+1)·B]``, with t = ``state.step mod steps_per_epoch`` read on the device, so in steady state the host
+  sends nothing per call: the dataset and the epoch's permutation ``perm`` are already device arrays.
+  """
+  step_fn = train_step_fn(module, tx, steps_per_epoch=steps_per_epoch, **kw)
+
+  def multi_step(state: TrainState, images, labels, perm):
+    def body(state, _):
+      start = (state.step % steps_per_epoch) * batch_size
+      index = jax.lax.dynamic_slice(perm, (start,), (batch_size,))
+      return step_fn(state, images, labels, index)
+
+    state, metrics = jax.lax.scan(body, state, None, length=steps_per_call)
+    return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+
+  return jax.jit(multi_step, donate_argnums=(0,))
 
 
 def make_eval_step(module: nn.Module, *, augment_kind: str, pgd_cfg: ml_collections.ConfigDict | None):

@@ -52,7 +52,7 @@ def test_eps_ramp():
   np.testing.assert_allclose(eps, [8 / 255 / 100, 8 / 255 / 2, 8 / 255, 8 / 255], rtol=1e-6)
 
 
-def _step_for(name, strength, bn_mode='eval'):
+def _step_for(name, strength, bn_mode="eval"):
   cfg = configuration.base_config()
   cfg.attack.bn_mode = bn_mode
   cfg.attack.steps = 2
@@ -112,3 +112,26 @@ def test_evaluate_masks_padding_and_counts_pgd_over_clean_correct():
   np.testing.assert_allclose(out['acc'], float((logits.argmax(-1) == labels).mean()), rtol=1e-6)
   # ε = 0: the attack changes nothing, so every clean-correct example stays correct.
   assert out['pgd_acc'] == 1.0 or out['clean_correct'] == 0
+
+
+def test_multi_step_equals_single_steps():
+  """steps_per_call = 3 in one dispatch trains exactly as three single steps on the same permutation."""
+  state, step, images, labels = _step_for('resnet20', 4.0)
+  cfg = configuration.base_config()
+  cfg.attack.steps = 2
+  module = models.get_module('resnet20', num_classes=10)
+  tx = train.make_optimizer(cfg.train, 4)
+  mesh = sharding.make_mesh()
+  multi = train.make_multi_step(module, tx, steps_per_call=3, batch_size=4, config=cfg, strength=4.0,
+                                augment_kind='cifar', steps_per_epoch=4,
+                                batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
+  perm = jnp.asarray(np.random.default_rng(1).permutation(16), jnp.int32)
+  s_multi, m_multi = multi(jax.tree.map(jnp.copy, state), images, labels, perm)
+  total = 0.0
+  for t in range(3):
+    state, m = step(state, images, labels, perm[4 * t:4 * t + 4])
+    total += float(m['loss_sum'])
+  assert int(s_multi.step) == 3
+  np.testing.assert_allclose(float(m_multi['loss_sum']), total, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s_multi.params), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

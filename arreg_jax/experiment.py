@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from arreg_jax import checkpoint, configuration, models, sharding, train
+from arreg_jax import checkpoint, configuration, models, sharding, spectral, train
 from arreg_jax.data import get_dataset
 from arreg_jax.errors import ConfigError, DivergenceError
 
@@ -116,11 +116,13 @@ def final_row(strength: float, final: dict) -> dict:
 
 
 def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _DeviceData, mesh, run_dir: str) -> dict:
-  """Trains (or resumes, or skips) the model for one AR strength; returns its final metrics."""
+  """Trains (or resumes, or skips) the model for one AR strength (and ``config.spectral.clip_to``); returns its
+  final metrics."""
+  tag = os.path.basename(run_dir)
   final_path = os.path.join(run_dir, 'final.json')
   if os.path.exists(final_path):
-    logging.info('AR %g: finished earlier, skipping (%s)', strength, final_path)
-    print(f'[ar{strength:g}] already finished: {final_path}', flush=True)
+    logging.info('%s: finished earlier, skipping (%s)', tag, final_path)
+    print(f'[{tag}] already finished: {final_path}', flush=True)
     return read_json(final_path)
 
   os.makedirs(run_dir, exist_ok=True)
@@ -150,7 +152,7 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
   if start_epoch:
     state = ckpt.restore(start_epoch, state)
     logging.info('AR %g: resumed from the checkpoint of epoch %d', strength, start_epoch)
-    print(f'[ar{strength:g}] resuming after epoch {start_epoch}', flush=True)
+    print(f'[{tag}] resuming after epoch {start_epoch}', flush=True)
   metrics_path = os.path.join(run_dir, 'metrics.jsonl')
   _rewrite_metrics(metrics_path, start_epoch)
 
@@ -161,6 +163,11 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
   step_kw = dict(config=config, strength=strength, augment_kind=ds.augment, steps_per_epoch=steps_per_epoch,
                  batch_size=batch, batch_sharding=sharding.batch_sharding(mesh), base_key=train_key)
   multi_steps = {k: train.make_multi_step(module, tx, steps_per_call=k, **step_kw) for k in set(calls)}
+  clip_to = config.spectral.clip_to
+  if clip_to is not None:
+    specs = spectral.layer_specs(module, variables, (1, *ds.image_shape), train=False)
+    clip = lambda params: jax.device_put(
+        spectral.clip_params(params, specs, clip_to, rounds=config.spectral.rounds), sharding.replicated(mesh))
   permutation = jax.jit(lambda epoch: jax.random.permutation(jax.random.fold_in(perm_key, epoch), data.num_train
                                                              ).astype(jnp.int32),
                         out_shardings=sharding.replicated(mesh))
@@ -179,6 +186,8 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
       state, m = multi_steps[k](state, data.train_images, data.train_labels, perm)
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
     sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+    if clip_to is not None and epoch % config.spectral.every_epochs == 0:
+      state = state.replace(params=clip(state.params))  # after the epoch's last step (appendix D.3)
     train_time = time.time() - t0
     train_loss = sums['loss_sum'] / sums['count']
     if not math.isfinite(train_loss):
@@ -210,7 +219,7 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
     eta = np.mean(epoch_times) * (epochs - epoch)
     _append_metrics(metrics_path, row)
     ckpt.save(epoch, state)
-    line = (f'[ar{strength:g}] epoch {epoch}/{epochs}  train loss {row["train_loss"]:.4f} '
+    line = (f'[{tag}] epoch {epoch}/{epochs}  train loss {row["train_loss"]:.4f} '
             f'acc {100 * row["train_acc"]:.2f}%')
     if 'test_acc' in row:
       line += f'  test acc {100 * row["test_acc"]:.2f}%  PGD acc {100 * row["pgd_acc"]:.2f}%'
@@ -220,6 +229,7 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
   # Final evaluation: clean train set (no augmentation), clean test set, PGD over all clean-correct test examples.
   final = {
       'strength': strength,
+      'clip_to': clip_to,
       'epsilon': strength * config.attack.strength_unit,
       'epochs': epochs,
       'train': train.evaluate(clean_eval_step, state.variables(), data.train_images, data.train_labels,
@@ -227,11 +237,11 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
       'test': train.evaluate(eval_step, state.variables(), data.test_images, data.test_labels,
                              batch_size=config.eval.batch_size, key=eval_key),
   }
-  final['row'] = final_row(strength, final)
+  final['row'] = {**final_row(strength, final), 'clip_to': clip_to}
   write_json(final_path, final)
   ckpt.close()
   r = final['row']
-  print(f'[ar{strength:g}] final: train acc {r["train_acc"]:.2f}%  test acc {r["test_acc"]:.2f}%  '
+  print(f'[{tag}] final: train acc {r["train_acc"]:.2f}%  test acc {r["test_acc"]:.2f}%  '
         f'PGD acc {r["pgd_acc"]:.2f}%  train loss {r["train_loss"]:.4f}  test loss {r["test_loss"]:.4f}', flush=True)
   return final
 
@@ -271,14 +281,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = _DeviceData(ds, mesh)
   rows = []
   t0 = time.time()
-  for strength in config.sweep:
-    final = train_one(config, float(strength), ds, data, mesh,
-                      os.path.join(workdir, configuration.run_name(strength)))
+  clip_sweep = bool(config.spectral.sweep)
+  for strength, clip_to in configuration.sweep_members(config):
+    member = config.copy_and_resolve_references()
+    member.spectral.clip_to = clip_to
+    member.spectral.sweep = ()
+    final = train_one(member, strength, ds, data, mesh,
+                      os.path.join(workdir, configuration.run_name(strength, clip_to, clip_sweep=clip_sweep)))
     rows.append(final['row'])
     summary = {'dataset': ds.name, 'model': config.model.name, 'paper': config.paper,
                'attack': config.attack.kind, 'strength_unit': config.attack.strength_unit, 'rows': rows}
     write_json(os.path.join(workdir, 'summary.json'), summary)
   logging.info('sweep finished in %.1f s', time.time() - t0)
+  if config.analysis.enabled:  # analysis.json per run, then report.md, claims.json, figures/ (arreg_jax.analysis)
+    from arreg_jax.analysis import run_analysis  # pylint: disable=g-import-not-at-top  (it imports this module)
+    run_analysis.analyze_sweep(workdir, reuse=True, mesh=mesh)
   return summary
 
 

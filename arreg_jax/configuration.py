@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_size = ml_collections.FieldReference(None, field_type=int)
   c.data.test_size = ml_collections.FieldReference(None, field_type=int)
   c.data.classes = ml_collections.FieldReference(None, field_type=int)  # Tiny-ImageNet: first K classes only
+  # Keep only these classes, relabelled 0..K-1 in this order (e.g. (0, 1): MNIST 0 vs 1, poster 004); () = all.
+  # Applied before train_size / test_size.
+  c.data.keep_classes = ()
   c.data.tfds_download = False
 
   c.model = ml_collections.ConfigDict()
@@ -81,6 +84,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.spectral.rounds = 1
   c.spectral.sweep = ()
 
+  # The average-margin regularizer of poster 004 (arreg_jax.regularizers), with or without adversarial training:
+  # loss = mean CE − margin_lambda · mean clip_[0, margin_gamma](min_{k≠y} (w_y − w_k)ᵀΦ(x))
+  #        + ortho_beta · Σ_l ‖W_l W_lᵀ − I‖²_F.   0 switches a term off (the step is then the unregularized one).
+  # `sweep` (e.g. ((0.0, 0.0), (0.5, 1e-3))) makes (margin_lambda, ortho_beta) a further sweep dimension: one run
+  # per (AR strength, [clip,] pair), in directories ar<s>_ml<λ>_ob<β>.
+  c.regularizer = ml_collections.ConfigDict()
+  c.regularizer.margin_lambda = 0.0
+  c.regularizer.margin_gamma = 1.0
+  c.regularizer.ortho_beta = 0.0
+  c.regularizer.sweep = ()
+
+  # Per-epoch margin tracking (poster 004; arreg_jax.analysis.margin_tracking): min and mean of the logit margin
+  # (Definition 3) and of the feature-space margin min_k (f_y − f_k)/‖w_y − w_k‖ on the clean train and test sets,
+  # added to metrics.jsonl; the per-example values of the epochs in `hist_epochs` (and the last epoch) are saved as
+  # margins/epoch<k>.npz in the run directory (margin histograms).
+  c.margins = ml_collections.ConfigDict()
+  c.margins.track = False
+  c.margins.max_examples = ml_collections.FieldReference(None, field_type=int)  # per split; None = all
+  c.margins.hist_epochs = ()
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3
 
@@ -95,18 +118,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.margin_tau = 1.0         # also report the fraction of examples with |margin| < tau
   c.analysis.loss_range = (0.0, 10.0)
   # Loss variation (B.5, Table 1): L∞ radii as fractions of eval.pgd_eps (1/8, 1/4, 1/2 of 8/255 = 1, 2, 4 /255),
-  # PGD from the clean input with `steps` steps of step_rel·ε, over the first N test examples (None = all; the
-  # paper used all; 500 keeps the analysis of a CPU sweep shorter than one training epoch).
+  # PGD from the clean input with `steps` steps of step_rel·ε, over the first N test examples (None = all, as the
+  # paper; 256 keeps the analysis of the MNIST default sweep shorter than one of its training epochs on a CPU).
   c.analysis.loss_variation_eps_rel = (0.125, 0.25, 0.5)
-  c.analysis.loss_variation_examples = ml_collections.FieldReference(500, field_type=int)
-  c.analysis.loss_variation_steps = 5
-  c.analysis.loss_variation_step_rel = 0.4
+  c.analysis.loss_variation_examples = ml_collections.FieldReference(256, field_type=int)
+  c.analysis.loss_variation_steps = 4
+  c.analysis.loss_variation_step_rel = 0.5
+  # Which examples: 'test' (the main paper, B.5) or 'train_correct' — the correctly classified training examples,
+  # the maximum restricted to perturbed points still classified correctly (draft 003, Fig. 3: "maximal loss
+  # variation within a covering ball"). The first loss_variation_examples of the split are taken before filtering.
+  c.analysis.loss_variation_split = 'test'
   # v_min of Theorem 3.1 (arreg_jax.analysis.boundary): screen N training examples by their first-order distance
   # to the boundary, refine the K closest by bisection (rounds × L2 PGD steps).
-  c.analysis.boundary_screen_examples = 1000
-  c.analysis.boundary_refine_examples = 32
-  c.analysis.boundary_rounds = 10
-  c.analysis.boundary_steps = 10
+  c.analysis.boundary_screen_examples = 512
+  c.analysis.boundary_refine_examples = 16
+  c.analysis.boundary_rounds = 8
+  c.analysis.boundary_steps = 8
   # Constants of the bound (eq. 4): ramp width γ (None = the median training margin), covering constant C_X and
   # dimension k, covering radius ε (None = the run's training ε, or eval.pgd_eps at AR 0), confidence η.
   c.analysis.bound = ml_collections.ConfigDict()
@@ -141,6 +168,22 @@ def cifar_paper(dataset: str, model: str, attack: str = 'pgd') -> ml_collections
   return c
 
 
+def draft003_cifar(dataset: str, model: str) -> ml_collections.ConfigDict:
+  """The CIFAR setting of draft 003's appendix A: :func:`cifar_paper` with batch 512, 160 epochs, lr 0.05 halved
+  every 30 epochs, AR strengths 0, 4, 8, 16, and the loss variation on correctly classified training examples."""
+  c = cifar_paper(dataset, model, attack='pgd')
+  c.paper = f'draft003_{dataset}_{model.replace("_sn", "")}'
+  c.train.epochs = 160
+  c.train.batch_size = 512
+  c.train.learning_rate = 0.05
+  c.train.lr_boundaries = (30, 60, 90, 120, 150)
+  c.train.lr_decay = 0.5
+  c.sweep = (0, 4, 8, 16)
+  c.analysis.loss_variation_split = 'train_correct'
+  c.analysis.loss_variation_examples = 1000
+  return c
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks ``c`` in place to a tiny run of the same experiment (for tests and quick checks)."""
   c.data.train_size = 256
@@ -159,7 +202,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.analysis.boundary_steps = 3
   c.sweep = tuple(c.sweep)[:2]
   smoke_models = {'resnet56': 'resnet20', 'resnet110': 'resnet20', 'resnet56_bn': 'resnet20_bn',
-                  'wrn50_2': 'wrn_smoke', 'lenet': 'small_cnn'}
+                  'wrn50_2': 'wrn_smoke', 'lenet': 'small_cnn', 'lenet_sn': 'small_cnn_sn',
+                  'vgg16': 'vgg_smoke', 'vgg19': 'vgg_smoke', 'vgg16_sn': 'vgg_smoke_sn', 'vgg19_sn': 'vgg_smoke_sn'}
   c.model.name = smoke_models.get(c.model.name, c.model.name)
   return c
 
@@ -250,15 +294,45 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(not (sp.sweep and sp.clip_to is not None),
        'set config.spectral.clip_to or config.spectral.sweep, not both')
   need(c.checkpoint.keep >= 1, f'config.checkpoint.keep must be >= 1, got {c.checkpoint.keep}')
+  keep = list(c.data.keep_classes)
+  need(all(isinstance(k, int) and k >= 0 for k in keep) and len(set(keep)) == len(keep) and len(keep) != 1,
+       f'config.data.keep_classes must list at least two distinct class indices (or be empty), got {keep}')
+  r = c.regularizer
+  need(r.margin_lambda >= 0 and r.ortho_beta >= 0,
+       f'config.regularizer.margin_lambda and .ortho_beta must be >= 0, got {r.margin_lambda}, {r.ortho_beta}')
+  need(r.margin_gamma > 0, f'config.regularizer.margin_gamma (γ) must be > 0, got {r.margin_gamma}')
+  for pair in r.sweep:
+    need(isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(v, (int, float)) and v >= 0
+                                                                    for v in pair),
+         f'config.regularizer.sweep entries must be (margin_lambda, ortho_beta) pairs >= 0, got {pair!r}')
+  need(len({tuple(p) for p in r.sweep}) == len(r.sweep), 'config.regularizer.sweep has repeated entries')
+  need(not (r.sweep and (r.margin_lambda or r.ortho_beta)),
+       'set config.regularizer.margin_lambda/ortho_beta or config.regularizer.sweep, not both')
+  need(c.analysis.loss_variation_split in ('test', 'train_correct'),
+       f"config.analysis.loss_variation_split must be 'test' or 'train_correct', got "
+       f'{c.analysis.loss_variation_split!r}')
+  m = c.margins
+  need(m.max_examples is None or m.max_examples >= 1, 'config.margins.max_examples must be None or >= 1')
+  need(all(isinstance(e, int) and e >= 1 for e in m.hist_epochs),
+       f'config.margins.hist_epochs must list epochs >= 1, got {tuple(m.hist_epochs)}')
 
 
-def run_name(strength: float, clip_to: float | None = None, *, clip_sweep: bool = False) -> str:
+def run_name(strength: float, clip_to: float | None = None, *, clip_sweep: bool = False,
+             regularizer: tuple[float, float] | None = None) -> str:
   """The run directory of one sweep member: ``ar4``, ``ar0.1``, …; ``ar4_sp1`` / ``ar4_spnone`` in a sweep that
-  also varies the spectral clipping threshold."""
+  also varies the spectral clipping threshold; ``ar0_ml0.5_ob0.001`` in one that varies the margin regularizer's
+  (λ, β)."""
   name = f'ar{strength:g}'
   if clip_sweep:
     name += '_sp' + ('none' if clip_to is None else f'{clip_to:g}')
+  if regularizer is not None:
+    name += f'_ml{regularizer[0]:g}_ob{regularizer[1]:g}'
   return name
+
+
+def regularizer_members(c: ml_collections.ConfigDict) -> list[tuple[float, float] | None]:
+  """The (margin_lambda, ortho_beta) of every member of the regularizer sweep dimension, or ``[None]``."""
+  return [(float(a), float(b)) for a, b in c.regularizer.sweep] or [None]
 
 
 def sweep_members(c: ml_collections.ConfigDict) -> list[tuple[float, float | None]]:

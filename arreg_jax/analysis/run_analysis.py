@@ -1,0 +1,328 @@
+"""Analysing the trained members of a sweep: ``analysis.json`` (+ ``per_example.npz``) in every run directory.
+
+For one run (:func:`analyze_run`), with the settings of its config's ``analysis`` block (``configuration.py``):
+
+1. per-example margin (Definition 3), true-class probability and cross-entropy on the training and test sets
+   (:mod:`margins`), summarized with fixed bin edges (:mod:`distributions`) — Fig. 1b, 4, 5a,b;
+2. per-layer singular-value statistics and the log spectral complexity (:mod:`singular_values`) — Fig. 1a, 5c,d;
+3. loss variation inside L∞ balls on the first test examples (:mod:`smoothness`) — appendix B.5, Table 1; or, with
+   ``analysis.loss_variation_split = 'train_correct'``, on the correctly classified examples among the first
+   training examples, counting only perturbed points still classified correctly (draft 003, Fig. 3);
+4. PGD accuracy over the clean-correct test examples: taken from the run's ``final.json`` (computed by
+   ``train.make_eval_step`` over the whole test set at the end of training), recomputed only when absent;
+5. the instance-space margin v_min (:mod:`boundary`, on a subset of training examples) and the terms of
+   Theorem 3.1 (:mod:`bounds`).
+
+:func:`analyze_sweep` does this for every finished member of a sweep directory and then writes the report
+(:mod:`arreg_jax.report.builder`). Analysis files are rewritten atomically. With ``reuse=True`` a run whose
+``analysis.json`` was made from the same checkpoint with the same settings is not analysed again.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from arreg_jax import experiment, sharding, train
+from arreg_jax.analysis import batching, boundary, bounds, distributions, margins, restore, singular_values
+from arreg_jax.analysis import smoothness
+from arreg_jax.analysis import sweep as sweep_lib
+from arreg_jax.errors import ConfigError
+
+ANALYSIS_VERSION = 1
+PROB_RANGE = (0.0, 1.0)
+# "Mid-range" estimated probabilities (§4.2.1, Fig. 5a inset; SPEC §6 claim 4): p_y in [0.1, 0.9].
+MID_PROB = (0.1, 0.9)
+
+
+def settings_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The analysis settings of a run, resolved to absolute values (JSON-ready); raises ConfigError if invalid."""
+  a = config.analysis
+  pgd_eps = float(config.eval.pgd_eps)
+  s = {
+      'version': ANALYSIS_VERSION,
+      'max_train_examples': a.max_train_examples, 'max_test_examples': a.max_test_examples,
+      'bins': int(a.bins), 'margin_range': [float(v) for v in a.margin_range], 'margin_tau': float(a.margin_tau),
+      'loss_range': [float(v) for v in a.loss_range], 'prob_range': list(PROB_RANGE),
+      'loss_variation_eps': [float(r) * pgd_eps for r in a.loss_variation_eps_rel],
+      'loss_variation_examples': a.loss_variation_examples, 'loss_variation_steps': int(a.loss_variation_steps),
+      'loss_variation_step_rel': float(a.loss_variation_step_rel),
+      'loss_variation_split': str(a.get('loss_variation_split', 'test')),
+      'boundary_screen_examples': int(a.boundary_screen_examples),
+      'boundary_refine_examples': int(a.boundary_refine_examples),
+      'boundary_rounds': int(a.boundary_rounds), 'boundary_steps': int(a.boundary_steps),
+      'bound': {k: a.bound[k] for k in ('gamma', 'c_x', 'k', 'eps', 'eta')},
+      # Forward-only kernels run at the evaluation batch size, the attack-based ones (loss variation, boundary
+      # screening) at the training batch size: the batch the training attack runs at, efficient on this device.
+      'batch_size': int(config.eval.batch_size),
+      'attack_batch_size': int(config.train.batch_size),
+  }
+
+  def need(ok, msg):
+    if not ok:
+      raise ConfigError(msg)
+
+  need(s['bins'] >= 1, f'config.analysis.bins must be >= 1, got {s["bins"]}')
+  for k in ('margin_range', 'loss_range'):
+    need(len(s[k]) == 2 and s[k][0] < s[k][1], f'config.analysis.{k} must be (lo, hi) with lo < hi, got {s[k]}')
+  need(all(e > 0 for e in s['loss_variation_eps']), 'config.analysis.loss_variation_eps_rel must be > 0')
+  for k in ('loss_variation_steps', 'boundary_screen_examples', 'boundary_refine_examples', 'boundary_steps'):
+    need(s[k] >= 1, f'config.analysis.{k} must be >= 1, got {s[k]}')
+  need(s['boundary_rounds'] >= 0, 'config.analysis.boundary_rounds must be >= 0')
+  for k in ('max_train_examples', 'max_test_examples', 'loss_variation_examples'):
+    need(s[k] is None or s[k] >= 1, f'config.analysis.{k} must be None or >= 1, got {s[k]}')
+  b = s['bound']
+  need(b['c_x'] > 0 and b['k'] > 0 and 0 < b['eta'] < 1, 'config.analysis.bound: need c_x > 0, k > 0, 0 < eta < 1')
+  need(b['gamma'] is None or b['gamma'] > 0, 'config.analysis.bound.gamma must be None or > 0')
+  need(b['eps'] is None or b['eps'] > 0, 'config.analysis.bound.eps must be None or > 0')
+  return s
+
+
+def write_json(path: str, obj: Any) -> None:
+  """``experiment.write_json`` (atomic) of :func:`json_safe` ``(obj)``."""
+  experiment.write_json(path, json_safe(obj))
+
+
+def json_safe(obj: Any) -> Any:
+  """Plain Python values, non-finite floats as strings ('inf', '-inf', 'nan'): the file stays strict JSON."""
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, (bool, np.bool_)):
+    return bool(obj)
+  if isinstance(obj, (float, np.floating)):
+    f = float(obj)
+    return f if math.isfinite(f) else str(f)
+  if isinstance(obj, np.integer):
+    return int(obj)
+  return obj
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+  d = os.path.dirname(path)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_', suffix='.npz')
+  with os.fdopen(fd, 'wb') as f:
+    np.savez_compressed(f, **arrays)
+  os.replace(tmp, path)
+
+
+def _summary_size(ds, s) -> int:
+  """One padded length for every summary of a sweep (one compiled summary program): a power of two."""
+  n = max(min(ds.num_train, s['max_train_examples'] or ds.num_train),
+          min(ds.num_test, s['max_test_examples'] or ds.num_test))
+  return 1 << max(int(n - 1).bit_length(), 10)
+
+
+def _confidence(module, variables, ds, split: str, limit, s, mesh) -> tuple[dict, dict]:
+  images = getattr(ds, f'{split}_images')
+  labels = getattr(ds, f'{split}_labels')
+  kernel = margins.make_kernel(module, ds.augment)
+  out = batching.map_batches(kernel, variables, images, labels, batch_size=s['batch_size'], mesh=mesh, limit=limit)
+  bins = s['bins']
+  summ = functools.partial(distributions.summary_to_json, pad_to=_summary_size(ds, s))
+  summary = {
+      'n': int(out['margin'].shape[0]),
+      'acc': float(np.mean(out['correct'])),
+      'loss': float(np.mean(out['loss'])),
+      'margin': summ(out['margin'], distributions.uniform_edges(*s['margin_range'], bins), tau=s['margin_tau']),
+      'prob': summ(out['prob'], distributions.uniform_edges(*PROB_RANGE, bins)),
+      'loss_dist': summ(out['loss'], distributions.uniform_edges(*s['loss_range'], bins)),
+  }
+  p = out['prob']
+  summary['prob']['mid_range'] = list(MID_PROB)
+  summary['prob']['frac_mid'] = float(np.mean((p >= MID_PROB[0]) & (p <= MID_PROB[1])))
+  arrays = {f'{split}_{k}': out[k] for k in ('margin', 'prob', 'loss', 'correct')}
+  return summary, arrays
+
+
+def _loss_variation(module, variables, ds, s, mesh) -> tuple[list[dict], dict]:
+  split = s.get('loss_variation_split', 'test')
+  correct_only = split == 'train_correct'
+  kernel = smoothness.make_kernel(module, ds.augment, s['loss_variation_steps'], s['loss_variation_step_rel'],
+                                  correct_only)
+  if correct_only:  # draft 003, Fig. 3: the correctly classified ones among the first N training examples
+    n = min(s['loss_variation_examples'] or ds.num_train, ds.num_train)
+    conf = batching.map_batches(margins.make_kernel(module, ds.augment), variables, ds.train_images, ds.train_labels,
+                                batch_size=s['batch_size'], mesh=mesh, limit=n)
+    keep = np.flatnonzero(conf['correct'])
+    if keep.size == 0:
+      return [], {}
+    images, labels, limit = ds.train_images[keep], ds.train_labels[keep], None
+  else:
+    images, labels, limit = ds.test_images, ds.test_labels, s['loss_variation_examples']
+  rows, arrays = [], {}
+  for i, eps in enumerate(s['loss_variation_eps']):
+    out = batching.map_batches(kernel, variables, images, labels, batch_size=s['attack_batch_size'],
+                               mesh=mesh, limit=limit, extra=(np.float32(eps),))
+    inc = out['loss_increase']
+    rows.append({'eps': eps, 'eps_255': eps * 255.0, 'mean': float(inc.mean()), 'std': float(inc.std()),
+                 'median': float(np.median(inc)), 'max': float(inc.max()), 'n': int(inc.size), 'split': split})
+    arrays[f'loss_increase_{i}'] = inc
+  return rows, arrays
+
+
+def _boundary(module, variables, ds, s, mesh) -> dict:
+  n = min(s['boundary_screen_examples'], ds.num_train)
+  screen = batching.map_batches(boundary.make_screen_kernel(module, ds.augment), variables, ds.train_images,
+                                ds.train_labels, batch_size=s['attack_batch_size'], mesh=mesh, limit=n)
+  k = min(s['boundary_refine_examples'], n)
+  order = np.argsort(screen['first_order'], kind='stable')[:k]
+  d = int(np.prod(ds.image_shape))
+  r_max = float(math.sqrt(d))  # the L2 diameter of [0, 1]^d
+  kernel = boundary.make_bisection_kernel(module, ds.augment, r_max, s['boundary_rounds'], s['boundary_steps'])
+  refine_batch = -(-k // mesh.size) * mesh.size
+  out = batching.map_batches(kernel, variables, ds.train_images[order], screen['pred'][order],
+                             batch_size=refine_batch, mesh=mesh)
+  dist = out['distance']
+  found = out['found']
+  return {
+      'method': 'first-order screening + per-example bisection on the radius of an L2 PGD attack + line search '
+                '(arreg_jax.analysis.boundary); certified upper bounds',
+      'screened': int(n), 'refined': int(k), 'r_max': r_max,
+      'first_order_min': float(screen['first_order'].min()),
+      'first_order_median': float(np.median(screen['first_order'])),
+      'v_min': float(dist.min()) if found.any() else float('inf'),
+      'v_median_refined': float(np.median(dist[found])) if found.any() else float('inf'),
+      'found': int(found.sum()),
+      'refined_indices': [int(i) for i in order],
+  }
+
+
+def _bound_terms(variables, layers: list[dict], v_min: float, train_margin_median: float, config, strength,
+                 s, m: int) -> dict:
+  b = s['bound']
+  last = layers[-1]
+  params = variables['params']
+  for key in last['name'].split('/'):
+    params = params[key]
+  w_dist = float(bounds.min_class_weight_distance(params['kernel']))
+  sigma_mins = [layer['min'] for layer in layers[:-1]]
+  log_u = bounds.log_u_min(w_dist, sigma_mins, v_min)
+  gamma = b['gamma'] if b['gamma'] is not None else max(train_margin_median, 1e-6)
+  eps = b['eps']
+  if eps is None:
+    eps = strength * float(config.attack.strength_unit) or float(config.eval.pgd_eps)
+  with np.errstate(divide='ignore'):
+    log_prod = float(np.sum(np.log(np.asarray(sigma_mins, np.float64))))
+  out = {'w_distance': w_dist, 'log_prod_sigma_min': log_prod, 'layers_with_zero_sigma_min':
+         int(sum(1 for v in sigma_mins if v <= 0)), 'v_min': v_min, 'log_u_min': log_u,
+         'gamma_source': 'config' if b['gamma'] is not None else 'median training margin'}
+  out.update(bounds.generalization_bound(log_u, gamma=gamma, c_x=b['c_x'], k=b['k'], eps=eps, eta=b['eta'], m=m))
+  return out
+
+
+def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
+  """Analyses one finished run; writes ``analysis.json`` and ``per_example.npz`` into it and returns the former."""
+  t_start = time.time()
+  mesh = mesh or sharding.make_mesh()
+  config, raw_cfg = restore.run_config(run_dir)
+  s = settings_of(config)
+  out_path = os.path.join(run_dir, 'analysis.json')
+  final = experiment.read_json(os.path.join(run_dir, 'final.json'))
+  if reuse and os.path.exists(out_path) and os.path.exists(os.path.join(run_dir, 'per_example.npz')):
+    old = experiment.read_json(out_path)
+    if old.get('settings') == json_safe(s) and old.get('final_row') == json_safe(final.get('row')):
+      logging.info('%s: analysis.json is up to date', run_dir)
+      return old
+  config, module, variables, ds, epoch = restore.restore_run(run_dir)
+  strength = float(raw_cfg['strength'])
+  timing = {'restore_s': time.time() - t_start}
+
+  t = time.time()
+  train_sum, arrays = _confidence(module, variables, ds, 'train', s['max_train_examples'], s, mesh)
+  test_sum, test_arrays = _confidence(module, variables, ds, 'test', s['max_test_examples'], s, mesh)
+  arrays.update(test_arrays)
+  timing['confidence_s'] = time.time() - t
+
+  t = time.time()
+  layers = singular_values.layer_statistics(module, variables, ds.image_shape)
+  with np.errstate(divide='ignore'):
+    log_sc = float(sum(layer['log_max'] for layer in layers))
+  timing['spectral_s'] = time.time() - t
+
+  t = time.time()
+  lv_rows, lv_arrays = _loss_variation(module, variables, ds, s, mesh)
+  arrays.update(lv_arrays)
+  timing['loss_variation_s'] = time.time() - t
+
+  if 'pgd_acc' in final.get('test', {}):
+    pgd = {'pgd_acc': final['test']['pgd_acc'], 'source': 'final.json (train.make_eval_step, whole test set)',
+           'eps': float(config.eval.pgd_eps), 'steps': int(config.eval.pgd_steps)}
+  else:
+    t = time.time()
+    pgd_cfg = ml_collections.ConfigDict({'eps': config.eval.pgd_eps, 'step_size': config.eval.pgd_step_size,
+                                         'steps': config.eval.pgd_steps})
+    step = train.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=pgd_cfg)
+    res = train.evaluate(step, variables, ds.test_images, ds.test_labels, batch_size=s['batch_size'],
+                         key=jax.random.key(config.seed), limit=s['max_test_examples'])
+    pgd = {'pgd_acc': res['pgd_acc'], 'source': 'recomputed by the analysis (train.make_eval_step)',
+           'eps': float(config.eval.pgd_eps), 'steps': int(config.eval.pgd_steps)}
+    timing['pgd_s'] = time.time() - t
+
+  t = time.time()
+  bnd = _boundary(module, variables, ds, s, mesh)
+  terms = _bound_terms(variables, layers, bnd['v_min'], train_sum['margin']['quantiles']['q50'], config, strength,
+                       s, m=ds.num_train)
+  timing['boundary_s'] = time.time() - t
+  timing['total_s'] = time.time() - t_start
+
+  result = {
+      'run': os.path.basename(os.path.normpath(run_dir)),
+      'strength': strength,
+      'epsilon': strength * float(config.attack.strength_unit),
+      'strength_unit': float(config.attack.strength_unit),
+      'clip': sweep_lib.clip_of(raw_cfg),
+      'dataset': ds.name, 'model': config.model.name, 'paper': config.paper, 'attack': config.attack.kind,
+      'epoch': epoch, 'final_row': final.get('row'),
+      'settings': s,
+      'train': train_sum, 'test': {**test_sum, **pgd},
+      'singular_values': {'layers': layers, 'log_spectral_complexity': log_sc},
+      'loss_variation': lv_rows,
+      'boundary': bnd,
+      'bound': terms,
+      'timing': timing,
+  }
+  _save_npz(os.path.join(run_dir, 'per_example.npz'), arrays)
+  write_json(out_path, result)
+  return experiment.read_json(out_path)
+
+
+def analyze_sweep(workdir: str, *, reuse: bool = False, report: bool = True, mesh=None) -> dict:
+  """Analyses every finished run of ``workdir`` and (by default) writes the report; returns a summary.
+
+  Unfinished runs are skipped (and listed in the report). Returns ``{'runs': [...], 'analysis_s', 'report_s'}``.
+  """
+  t0 = time.time()
+  mesh = mesh or sharding.make_mesh()
+  runs = sweep_lib.find_runs(workdir)
+  if not runs:
+    raise ConfigError(f'{workdir} holds no run directories (subdirectories with a config.json); '
+                      'train a sweep there first with python -m arreg_jax.main')
+  done = []
+  for run in runs:
+    if not run.finished:
+      logging.info('%s: not finished, not analysed', run.path)
+      continue
+    t = time.time()
+    analyze_run(run.path, mesh=mesh, reuse=reuse)
+    print(f'[analysis] {run.name}: {time.time() - t:.1f} s', flush=True)
+    done.append(run.name)
+  analysis_s = time.time() - t0
+  report_s = None
+  if report:
+    from arreg_jax.report import builder  # local import: matplotlib is only needed for the report
+    t = time.time()
+    builder.write_report(workdir, analysis_seconds=analysis_s)
+    report_s = time.time() - t
+    print(f'[report] {os.path.join(workdir, "report.md")} ({report_s:.1f} s)', flush=True)
+  return {'runs': done, 'analysis_s': analysis_s, 'report_s': report_s}

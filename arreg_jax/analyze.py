@@ -14,6 +14,11 @@ Errors caused by the input (no sweep there, bad settings) are printed as one lin
 from __future__ import annotations
 
 import os
+
+# jaxlib's CPU LAPACK kernels (the batched SVDs of arreg_jax.spectral) run on scipy's OpenBLAS, whose own threads
+# oversubscribe the cores XLA already uses (3-30x slower, erratic); must be set before numpy is imported.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
 import sys
 
 from absl import app

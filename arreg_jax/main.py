@@ -7,6 +7,12 @@ are printed as one line, without a traceback, and exit with status 2.
 
 from __future__ import annotations
 
+import os
+
+# jaxlib's CPU LAPACK kernels (the batched SVDs of arreg_jax.spectral) run on scipy's OpenBLAS, whose own threads
+# oversubscribe the cores XLA already uses (3-30x slower, erratic); must be set before numpy is imported.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
 import re
 import sys
 

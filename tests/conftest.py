@@ -2,6 +2,9 @@
 
 import os
 
+# As arreg_jax.main does: scipy's OpenBLAS threads (jaxlib's CPU LAPACK) oversubscribe XLA's cores.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
 import jax
 import jax.numpy as jnp
 import numpy as np

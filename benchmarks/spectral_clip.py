@@ -19,6 +19,7 @@ guess) the cost of clipping all ResNet-56 layers once per epoch (the paper's sch
   python benchmarks/spectral_clip.py                       # ResNet-56 only
   python benchmarks/spectral_clip.py --wrn --repeats 3     # and WRN-50-2 (slow on CPU)
   python benchmarks/spectral_clip.py --epoch_seconds 812.5
+  python benchmarks/spectral_clip.py --epoch_from benchmarks/results/train_throughput_cpu.json   # same device
 """
 
 from __future__ import annotations
@@ -323,11 +324,27 @@ def main(argv=None) -> int:
   parser.add_argument('--max_sv', type=float, default=1.0)
   parser.add_argument('--epoch_seconds', type=float, default=None,
                       help='wall time of one ResNet-56 training epoch on this device (measured elsewhere)')
+  parser.add_argument('--epoch_from', default=None,
+                      help='a train_throughput.py JSON measured on this device: its float32 seconds per 50k-image '
+                           'ResNet-56 PGD-10 epoch is used as --epoch_seconds')
   parser.add_argument('--no_dense', dest='dense', action='store_false', help='skip the dense-matrix SVD')
   parser.add_argument('--no_eigh', dest='eigh', action='store_false', help='skip the eigh-vs-svd comparison')
   parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
                                                     f'spectral_clip_{jax.devices()[0].platform}.json'))
   args = parser.parse_args(argv)
+  if args.epoch_from:
+    if args.epoch_seconds:
+      parser.error('give --epoch_seconds or --epoch_from, not both')
+    with open(args.epoch_from) as f:
+      measured = json.load(f)
+    kind = measured['device']['jax_device_kind']
+    if kind != jax.devices()[0].device_kind:
+      parser.error(f'{args.epoch_from} was measured on {kind!r}, this device is {jax.devices()[0].device_kind!r}')
+    rows = [r for r in measured['results'] if r['precision'] == 'float32']
+    if not rows:
+      parser.error(f'{args.epoch_from} has no float32 result')
+    args.epoch_seconds = rows[0]['seconds_per_50k_epoch']
+    print(f'epoch time from {args.epoch_from}: {args.epoch_seconds:.1f} s per 50k-image epoch (float32)')
 
   dev = jax.devices()[0]
   report: dict[str, Any] = {

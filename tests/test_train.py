@@ -114,6 +114,31 @@ def test_evaluate_masks_padding_and_counts_pgd_over_clean_correct():
   assert out['pgd_acc'] == 1.0 or out['clean_correct'] == 0
 
 
+def test_steady_state_steps_make_no_host_to_device_copies():
+  """Issue 5 §2: with the dataset and the epoch's permutation on the device, training calls copy nothing from the
+  host — checked with jax.transfer_guard, which raises on any host→device transfer inside the block."""
+  cfg = configuration.base_config()
+  cfg.attack.steps = 2
+  module = models.get_module('small_cnn', num_classes=10)
+  _, variables = models.create('small_cnn', num_classes=10, key=jax.random.key(0), input_shape=(28, 28, 1))
+  tx = train.make_optimizer(cfg.train, 4)
+  mesh = sharding.make_mesh()
+  state = jax.device_put(train.init_state(variables, tx), sharding.replicated(mesh))
+  rng = np.random.default_rng(0)
+  images = jax.device_put(rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8), sharding.replicated(mesh))
+  labels = jax.device_put(rng.integers(0, 10, (32,), dtype=np.int32), sharding.replicated(mesh))
+  perm = jax.device_put(np.random.default_rng(1).permutation(32).astype(np.int32), sharding.replicated(mesh))
+  multi = train.make_multi_step(module, tx, steps_per_call=2, batch_size=8, config=cfg, strength=0.1,
+                                augment_kind='none', steps_per_epoch=4,
+                                batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
+  state, _ = multi(state, images, labels, perm)  # compile outside the guard
+  with jax.transfer_guard_host_to_device('disallow'):
+    for _ in range(3):
+      state, metrics = multi(state, images, labels, perm)
+  assert int(state.step) == 8
+  assert np.isfinite(float(metrics['loss_sum']))
+
+
 def test_multi_step_equals_single_steps():
   """steps_per_call = 3 in one dispatch trains exactly as three single steps on the same permutation."""
   state, step, images, labels = _step_for('resnet20', 4.0)

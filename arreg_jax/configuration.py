@@ -308,6 +308,28 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(len({tuple(p) for p in r.sweep}) == len(r.sweep), 'config.regularizer.sweep has repeated entries')
   need(not (r.sweep and (r.margin_lambda or r.ortho_beta)),
        'set config.regularizer.margin_lambda/ortho_beta or config.regularizer.sweep, not both')
+  an = c.analysis
+  for k in ('max_train_examples', 'max_test_examples', 'loss_variation_examples'):
+    need(an[k] is None or an[k] >= 1, f'config.analysis.{k} must be None (all) or >= 1, got {an[k]}')
+  need(an.bins >= 2, f'config.analysis.bins must be >= 2, got {an.bins}')
+  for k in ('margin_range', 'loss_range'):
+    need(len(an[k]) == 2 and an[k][0] < an[k][1], f'config.analysis.{k} must be (low, high) with low < high, '
+         f'got {tuple(an[k])}')
+  need(an.margin_tau > 0, f'config.analysis.margin_tau (τ) must be > 0, got {an.margin_tau}')
+  need(len(an.loss_variation_eps_rel) >= 1 and all(v > 0 for v in an.loss_variation_eps_rel),
+       f'config.analysis.loss_variation_eps_rel must list radii > 0 (fractions of eval.pgd_eps), got '
+       f'{tuple(an.loss_variation_eps_rel)}')
+  need(an.loss_variation_steps >= 1 and an.loss_variation_step_rel > 0,
+       'config.analysis.loss_variation_steps must be >= 1 and loss_variation_step_rel > 0')
+  for k in ('boundary_screen_examples', 'boundary_refine_examples', 'boundary_rounds', 'boundary_steps'):
+    need(an[k] >= 1, f'config.analysis.{k} must be >= 1, got {an[k]}')
+  need(an.boundary_refine_examples <= an.boundary_screen_examples,
+       'config.analysis.boundary_refine_examples must be <= boundary_screen_examples')
+  b = an.bound
+  need(b.gamma is None or b.gamma > 0, f'config.analysis.bound.gamma (γ) must be None or > 0, got {b.gamma}')
+  need(b.eps is None or b.eps > 0, f'config.analysis.bound.eps must be None or > 0, got {b.eps}')
+  need(b.c_x > 0 and b.k > 0, f'config.analysis.bound.c_x and .k must be > 0, got {b.c_x}, {b.k}')
+  need(0 < b.eta < 1, f'config.analysis.bound.eta (η) must be in (0, 1), got {b.eta}')
   need(c.analysis.loss_variation_split in ('test', 'train_correct'),
        f"config.analysis.loss_variation_split must be 'test' or 'train_correct', got "
        f'{c.analysis.loss_variation_split!r}')

@@ -104,6 +104,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.margins.max_examples = ml_collections.FieldReference(None, field_type=int)  # per split; None = all
   c.margins.hist_epochs = ()
 
+  # Several hosts (arreg_jax.distributed): jax.distributed.initialize() before anything runs; the three values are
+  # detected on Cloud TPU, Slurm and Open MPI when left None. Every host runs the same command and --workdir.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False
+  c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)  # 'host:port' of process 0
+  c.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
+  c.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3
 

@@ -31,13 +31,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from arreg_jax import checkpoint, configuration, models, sharding, spectral, train
+from arreg_jax import checkpoint, configuration, distributed, models, sharding, spectral, train
 from arreg_jax.data import get_dataset
 from arreg_jax.errors import ConfigError, DivergenceError
 
 
+def _print(*args, **kw) -> None:
+  """``print`` in process 0 only (one line per epoch, not one per host)."""
+  if distributed.is_main_process():
+    print(*args, **kw)
+
+
 def write_json(path: str, obj: Any) -> None:
   """Writes JSON atomically (temporary file + rename): readers never see a half-written file."""
+  if not distributed.is_main_process():  # files other than checkpoints come from process 0
+    return
   d = os.path.dirname(path) or '.'
   fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_', suffix='.json')
   with os.fdopen(fd, 'w') as f:
@@ -51,12 +59,19 @@ def read_json(path: str) -> Any:
     return json.load(f)
 
 
+# Config blocks that do not change what a run trains: a run resumes under new values of these (its config.json is
+# rewritten); any other difference from the saved config.json is refused.
+RESUME_IGNORES = ('analysis', 'distributed')
+
+
 def _config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
 def _rewrite_metrics(path: str, keep_through_epoch: int) -> None:
   """Drops metric lines of epochs after the checkpoint being resumed from (they will be recomputed)."""
+  if not distributed.is_main_process():
+    return
   if not os.path.exists(path):
     return
   with open(path) as f:
@@ -71,6 +86,8 @@ def _rewrite_metrics(path: str, keep_through_epoch: int) -> None:
 
 
 def _append_metrics(path: str, row: dict) -> None:
+  if not distributed.is_main_process():
+    return
   with open(path, 'a') as f:
     f.write(json.dumps(row) + '\n')
     f.flush()
@@ -122,16 +139,17 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
   final_path = os.path.join(run_dir, 'final.json')
   if os.path.exists(final_path):
     logging.info('%s: finished earlier, skipping (%s)', tag, final_path)
-    print(f'[{tag}] already finished: {final_path}', flush=True)
+    _print(f'[{tag}] already finished: {final_path}', flush=True)
     return read_json(final_path)
 
   os.makedirs(run_dir, exist_ok=True)
   run_cfg = _config_dict(config)
   run_cfg['strength'] = strength
   cfg_path = os.path.join(run_dir, 'config.json')
-  if os.path.exists(cfg_path) and read_json(cfg_path) != run_cfg:
-    old = read_json(cfg_path)
-    diff = sorted(k for k in set(old) | set(run_cfg) if old.get(k) != run_cfg.get(k))
+  old = read_json(cfg_path) if os.path.exists(cfg_path) else None
+  diff = [] if old is None else sorted(k for k in set(old) | set(run_cfg)
+                                       if k not in RESUME_IGNORES and old.get(k) != run_cfg.get(k))
+  if diff:
     raise ConfigError(f'{run_dir} holds an unfinished run with a different config (differs in: {", ".join(diff)}); '
                       'resume it with its own config, or choose another --workdir')
   write_json(cfg_path, run_cfg)
@@ -152,7 +170,7 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
   if start_epoch:
     state = ckpt.restore(start_epoch, state)
     logging.info('AR %g: resumed from the checkpoint of epoch %d', strength, start_epoch)
-    print(f'[{tag}] resuming after epoch {start_epoch}', flush=True)
+    _print(f'[{tag}] resuming after epoch {start_epoch}', flush=True)
   metrics_path = os.path.join(run_dir, 'metrics.jsonl')
   _rewrite_metrics(metrics_path, start_epoch)
 
@@ -224,7 +242,7 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
     if 'test_acc' in row:
       line += f'  test acc {100 * row["test_acc"]:.2f}%  PGD acc {100 * row["pgd_acc"]:.2f}%'
     line += f'  {row["images_per_s"]:.0f} img/s  ETA {_fmt_time(eta)}'
-    print(line, flush=True)
+    _print(line, flush=True)
 
   # Final evaluation: clean train set (no augmentation), clean test set, PGD over all clean-correct test examples.
   final = {
@@ -241,8 +259,8 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
   write_json(final_path, final)
   ckpt.close()
   r = final['row']
-  print(f'[{tag}] final: train acc {r["train_acc"]:.2f}%  test acc {r["test_acc"]:.2f}%  '
-        f'PGD acc {r["pgd_acc"]:.2f}%  train loss {r["train_loss"]:.4f}  test loss {r["test_loss"]:.4f}', flush=True)
+  _print(f'[{tag}] final: train acc {r["train_acc"]:.2f}%  test acc {r["test_acc"]:.2f}%  '
+         f'PGD acc {r["pgd_acc"]:.2f}%  train loss {r["train_loss"]:.4f}  test loss {r["test_loss"]:.4f}', flush=True)
   return final
 
 

@@ -21,7 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from arreg_jax import experiment
+from arreg_jax import distributed, experiment
 from arreg_jax.errors import ArregError
 
 FLAGS = flags.FLAGS
@@ -45,6 +45,7 @@ def main(argv):
   except (AttributeError, KeyError, TypeError, ValueError, OSError, ImportError, SyntaxError) as e:
     _config_failure(e)
   try:
+    distributed.initialize(config.distributed)  # several hosts: before any computation (README, "Several hosts")
     experiment.run(config, FLAGS.workdir)
   except ArregError as e:
     _fail(str(e))

@@ -34,3 +34,12 @@ def check_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
     raise ConfigError(
         f'{what} = {batch_size} is not divisible by the number of devices ({n}); '
         f'set it to a multiple of {n}, e.g. {hi}' + (f' or {lo}' if lo else ''))
+
+
+def to_host(tree):
+  """``jax.device_get`` that also works when the arrays span several processes (hosts): then every process gets
+  the whole global value (``multihost_utils.process_allgather``), e.g. per-example outputs sharded over ``'data'``."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)

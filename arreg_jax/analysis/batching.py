@@ -61,5 +61,5 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
     mask = np.arange(start, start + batch_size) < n
     x, y, m = jax.device_put((images[idx], labels[idx], mask), data)
     outs.append(kernel(variables, x, y, m, *extra))
-  outs = jax.device_get(outs)
+  outs = sharding.to_host(outs)
   return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}

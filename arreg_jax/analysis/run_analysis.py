@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from arreg_jax import experiment, sharding, train
+from arreg_jax import distributed, experiment, sharding, train
 from arreg_jax.analysis import batching, boundary, bounds, distributions, margins, restore, singular_values
 from arreg_jax.analysis import smoothness
 from arreg_jax.analysis import sweep as sweep_lib
@@ -292,6 +292,8 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
       'bound': terms,
       'timing': timing,
   }
+  if not distributed.is_main_process():  # every process computes; process 0 writes
+    return json_safe(result)
   _save_npz(os.path.join(run_dir, 'per_example.npz'), arrays)
   write_json(out_path, result)
   return experiment.read_json(out_path)
@@ -315,11 +317,12 @@ def analyze_sweep(workdir: str, *, reuse: bool = False, report: bool = True, mes
       continue
     t = time.time()
     analyze_run(run.path, mesh=mesh, reuse=reuse)
-    print(f'[analysis] {run.name}: {time.time() - t:.1f} s', flush=True)
+    if distributed.is_main_process():
+      print(f'[analysis] {run.name}: {time.time() - t:.1f} s', flush=True)
     done.append(run.name)
   analysis_s = time.time() - t0
   report_s = None
-  if report:
+  if report and distributed.is_main_process():  # the report only reads files: process 0 alone
     from arreg_jax.report import builder  # local import: matplotlib is only needed for the report
     t = time.time()
     builder.write_report(workdir, analysis_seconds=analysis_s)

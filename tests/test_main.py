@@ -44,11 +44,12 @@ def test_smoke_sweep_end_to_end(tmp_path):
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
   args = ['--config', 'configs/mnist.py:smoke', '--config.sweep=(0.1,)', '--config.train.epochs=3']
-  ref = _main(tmp_path / 'ref', *args, timeout=300)
+  no_analysis = '--config.analysis.enabled=False'
+  ref = _main(tmp_path / 'ref', *args, no_analysis, timeout=300)
   assert ref.returncode == 0, ref.stderr[-3000:]
 
   workdir = tmp_path / 'killed'
-  cmd = [sys.executable, '-m', 'arreg_jax.main', '--workdir', str(workdir), *args]
+  cmd = [sys.executable, '-m', 'arreg_jax.main', '--workdir', str(workdir), *args, no_analysis]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   for line in proc.stdout:
     if 'epoch 1/3' in line:
@@ -58,9 +59,16 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
   assert proc.returncode == -signal.SIGKILL
   assert not (workdir / 'ar0.1' / 'final.json').exists()
 
+  # Resumed with the analysis switched on: the analysis block does not change training, so the run resumes (any
+  # other config difference is refused) and the sweep ends with its report.
   resumed = _main(workdir, *args, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resuming after epoch 1' in resumed.stdout
+  assert (workdir / 'report.md').exists() and not (tmp_path / 'ref' / 'report.md').exists()
+  (workdir / 'ar0.1' / 'final.json').rename(workdir / 'ar0.1' / 'final.json.bak')
+  refused = _main(workdir, *args, '--config.train.learning_rate=0.5', timeout=120)
+  assert refused.returncode == 2 and 'differs in: train' in refused.stderr, refused.stderr[-2000:]
+  (workdir / 'ar0.1' / 'final.json.bak').rename(workdir / 'ar0.1' / 'final.json')
   a = json.load(open(tmp_path / 'ref' / 'ar0.1' / 'final.json'))
   b = json.load(open(workdir / 'ar0.1' / 'final.json'))
   assert a['row'] == b['row'] and a['train'] == b['train'] and a['test'] == b['test']

@@ -44,7 +44,29 @@ def _wrn50_2_params(num_classes):
   return total + 2048 * num_classes + num_classes
 
 
+def _vgg_params(convs, num_classes, hidden=512):
+  """VGG without BN: 3×3 convs with bias on 3 input channels, 32 → 1 pixel after five pools, FC-512 ×2 + head."""
+  total, cin = 0, 3
+  for c in convs:
+    total += 9 * cin * c + c
+    cin = c
+  return total + cin * hidden + hidden + hidden * hidden + hidden + hidden * num_classes + num_classes
+
+
+VGG16 = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+VGG19 = (64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512)
+
+
 @pytest.mark.parametrize('name,num_classes,expected', [
+    ('vgg16', 10, _vgg_params(VGG16, 10)),
+    ('vgg16_sn', 10, _vgg_params(VGG16, 10)),
+    ('vgg19', 100, _vgg_params(VGG19, 100)),
+    ('vgg19_sn', 100, _vgg_params(VGG19, 100)),
+    ('mlp', 10, 784 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10),
+    ('logreg', 2, 784 * 2 + 2),
+    ('cifar_cnn', 10, 9 * 3 * 32 + 32 + 9 * 32 * 64 + 64 + 9 * 64 * 128 + 128 + 4 * 4 * 128 * 256 + 256
+     + 256 * 10 + 10),
+    ('lenet_sn', 10, 5 * 5 * 32 + 32 + 5 * 5 * 32 * 64 + 64 + 7 * 7 * 64 * 1024 + 1024 + 1024 * 10 + 10),
     ('resnet20', 10, _cifar_resnet_params(20, 10)),
     ('resnet56', 10, _cifar_resnet_params(56, 10)),
     ('resnet56', 100, _cifar_resnet_params(56, 100)),
@@ -56,6 +78,19 @@ def _wrn50_2_params(num_classes):
 def test_parameter_counts(name, num_classes, expected):
   params = jax.eval_shape(lambda: models.create(name, num_classes=num_classes, key=jax.random.key(0))[1])
   assert _count(params) == expected
+
+
+def test_vgg_known_totals():
+  # VGG-16 (13 convs) has 14,714,688 conv parameters (torchvision's vgg16 .features); 13 + 3 and 16 + 3 layers.
+  assert _vgg_params(VGG16, 10) - (512 * 512 + 512) * 2 - 512 * 10 - 10 == 14_714_688
+  assert len(VGG16) + 3 == 16 and len(VGG19) + 3 == 19
+
+
+def test_spectral_norm_models_keep_u_in_batch_stats():
+  shapes = jax.eval_shape(lambda: models.create('vgg16_sn', num_classes=10, key=jax.random.key(0))[1])
+  u = shapes['batch_stats']
+  assert len(u) == 16 and all(set(v) == {'sn_u'} for v in u.values())
+  assert u['conv1']['sn_u'].shape == (64,) and u['head']['sn_u'].shape == (10,)
 
 
 def test_known_totals():
@@ -75,7 +110,8 @@ def test_wrn50_2_parameter_count():
 
 @pytest.mark.parametrize('name,shape,classes', [
     ('small_cnn', (28, 28, 1), 10), ('lenet', (28, 28, 1), 10), ('resnet20', (32, 32, 3), 100),
-    ('resnet20_bn', (32, 32, 3), 10),
+    ('resnet20_bn', (32, 32, 3), 10), ('vgg_smoke', (32, 32, 3), 10), ('vgg_smoke_sn', (32, 32, 3), 100),
+    ('mlp', (28, 28, 1), 10), ('logreg', (28, 28, 1), 2), ('small_cnn_sn', (28, 28, 1), 10),
 ])
 def test_output_shapes_and_dtype(name, shape, classes):
   apply_fn, variables = models.create(name, num_classes=classes, key=jax.random.key(1))

@@ -5,6 +5,12 @@
 the Flax variable dict (``{'params': ...}`` plus ``'batch_stats'`` for BatchNorm models). In ``train=True`` mode a
 BatchNorm model normalizes with batch statistics but ``apply_fn`` discards their update; the training step calls
 ``get_module(...).apply(..., mutable=['batch_stats'])`` to keep it.
+
+Every model sows the input of its last layer (the penultimate features Φ(x) of the average-margin regularizer,
+poster 004) as ``intermediates/features`` and names its last layer ``head``; :func:`apply_with_features` returns
+both. A model name ending in ``_sn`` is the same network with Miyato spectral normalization on every layer (draft
+003; ``layers.py``): its power-iteration vectors live in the ``batch_stats`` collection, updated only by a
+``train=True`` call with that collection mutable (the train step's parameter update), never by the attack.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from arreg_jax.errors import ConfigError
-from arreg_jax.models import lenet, resnet, wrn
+from arreg_jax.models import lenet, mlp, resnet, vgg, wrn
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     'small_cnn': lambda num_classes, dtype: lenet.SmallCNN(num_classes, dtype),
@@ -32,13 +38,31 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
                                                              base_width=8, dtype=dtype),
 }
 
+# Models with a spectrally normalized variant '<name>_sn': builder(num_classes, dtype, spectral_norm).
+_SN_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    'small_cnn': lenet.SmallCNN,
+    'lenet': lenet.LeNet,
+    'cifar_cnn': lenet.CifarCNN,
+    'mlp': lambda num_classes, dtype, spectral_norm: mlp.MLP(num_classes, dtype=dtype, spectral_norm=spectral_norm),
+    'logreg': mlp.LogReg,
+    'vgg16': lambda num_classes, dtype, spectral_norm: vgg.make('vgg16', num_classes, dtype, spectral_norm),
+    'vgg19': lambda num_classes, dtype, spectral_norm: vgg.make('vgg19', num_classes, dtype, spectral_norm),
+    'vgg_smoke': lambda num_classes, dtype, spectral_norm: vgg.make('vgg_smoke', num_classes, dtype, spectral_norm),
+}
+for _name, _build in _SN_BUILDERS.items():
+  _BUILDERS.setdefault(_name, lambda num_classes, dtype, _b=_build: _b(num_classes, dtype, False))
+  _BUILDERS[_name + '_sn'] = lambda num_classes, dtype, _b=_build: _b(num_classes, dtype, True)
+
 # Input shape each model is designed for (used when ``create`` is not given one).
 DEFAULT_INPUT_SHAPE = {
     'small_cnn': (28, 28, 1), 'lenet': (28, 28, 1),
     'resnet20': (32, 32, 3), 'resnet56': (32, 32, 3), 'resnet110': (32, 32, 3),
     'resnet20_bn': (32, 32, 3), 'resnet56_bn': (32, 32, 3),
     'wrn50_2': (56, 56, 3), 'wrn_smoke': (56, 56, 3),
+    'cifar_cnn': (32, 32, 3), 'mlp': (28, 28, 1), 'logreg': (28, 28, 1),
+    'vgg16': (32, 32, 3), 'vgg19': (32, 32, 3), 'vgg_smoke': (32, 32, 3),
 }
+DEFAULT_INPUT_SHAPE.update({n + '_sn': DEFAULT_INPUT_SHAPE[n] for n in _SN_BUILDERS})
 
 MODEL_NAMES = tuple(sorted(_BUILDERS))
 
@@ -75,3 +99,20 @@ def create(name: str, *, num_classes: int, key: jax.Array, input_shape: tuple[in
     return module.apply(variables, images, train=train)
 
   return apply_fn, variables
+
+
+FEATURES = ('intermediates', 'features')
+
+
+def apply_with_features(module: nn.Module, variables, images, *, train: bool, mutable=()):
+  """``(logits, features, updated_state)``: the forward pass with the sown penultimate features Φ(x).
+
+  ``mutable`` lists further collections to return (e.g. ``['batch_stats']`` in the train step); ``updated_state``
+  holds them (without the intermediates).
+  """
+  logits, state = module.apply(variables, images, train=train, mutable=[*mutable, FEATURES[0]])
+  state = dict(state)
+  feats = state.pop(FEATURES[0])[FEATURES[1]]
+  if len(feats) != 1:
+    raise ValueError(f'{type(module).__name__} sowed {len(feats)} feature tensors, expected exactly one')
+  return logits, feats[0], state

@@ -6,6 +6,17 @@ gradient of ``reduce_window`` max-pooling is slow everywhere on CPU (see ``../sh
 below computes the same function as ``lax.conv_general_dilated`` but writes its VJP as two explicit convolutions
 (a transposed convolution for the input, a batch-contracting convolution for the kernel), which every backend
 lowers to its fast convolution kernels. The attack benchmark (``benchmarks/attack_throughput.py``) measures it.
+
+Spectral normalization (Miyato, Kataoka, Koyama & Yoshida, ICLR 2018; draft 003 §5, appendix A.2): ``Conv`` and
+``Dense`` with ``spectral_norm=True`` divide their kernel by the power-iteration estimate σ of the largest singular
+value of its Miyato matrix (dense ``(out, in)``, conv ``(cout, kh·kw·cin)``; :func:`arreg_jax.spectral.miyato_matrix`).
+The power-iteration vector ``u`` is a non-trainable variable ``sn_u`` in the ``'batch_stats'`` collection, so SN
+models ride on the state plumbing BatchNorm models already have (``TrainState.batch_stats``, checkpoints, the train
+step's ``mutable=['batch_stats']`` parameter update). One power-iteration round updates ``u`` only in a call with
+``train=True`` **and** the collection mutable — the parameter-update forward pass of the train step. The attack
+(``train=False``, or ``train=True`` without ``mutable``) and evaluation use the stored ``u`` unchanged
+(``σ = uᵀWv``, ``v = Wᵀu/‖Wᵀu‖``). The spectral toolkit (``layer_specs``, clipping, singular-value analysis) sees the
+raw ``kernel`` parameter, not the normalized one.
 """
 
 from __future__ import annotations
@@ -83,6 +94,37 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+SN_COLLECTION = 'batch_stats'
+
+
+def _sn_kernel(module: nn.Module, kernel: jax.Array, train: bool) -> jax.Array:
+  """``kernel / σ`` with σ from one power-iteration round (kept only in a mutable train call)."""
+  from arreg_jax import spectral  # pylint: disable=g-import-not-at-top  (spectral is model-agnostic)
+  u = module.variable(SN_COLLECTION, 'sn_u', lambda: spectral._l2_normalize(  # pylint: disable=protected-access
+      jax.random.normal(module.make_rng('params'), (kernel.shape[-1],), jnp.float32)))
+  update = train and module.is_mutable_collection(SN_COLLECTION) and not module.is_initializing()
+  sigma, u_new = spectral.power_iteration(spectral.miyato_matrix(kernel), u.value, n_iter=1 if update else 0)
+  if update:
+    u.value = u_new
+  return kernel / sigma
+
+
+class Dense(nn.Dense):
+  """``flax.linen.Dense`` (same parameters, same ``isinstance``) with optional Miyato spectral normalization."""
+  spectral_norm: bool = False
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, train: bool = False) -> jax.Array:  # pylint: disable=arguments-differ
+    kernel = self.param('kernel', self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+    if self.spectral_norm:
+      kernel = _sn_kernel(self, kernel, train)
+    dtype = self.dtype or inputs.dtype
+    y = jnp.dot(inputs.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,), self.param_dtype).astype(dtype)
+    return y
+
+
 class Conv(nn.Module):
   """'SAME'-padded convolution with an HWIO ``kernel`` (and optional ``bias``), computed by :func:`conv2d`.
 
@@ -96,11 +138,14 @@ class Conv(nn.Module):
   kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
   bias_init: Callable[..., Any] = nn.initializers.zeros_init()
   dtype: Any = None  # computation dtype (None: the input's)
+  spectral_norm: bool = False  # Miyato et al. (2018); see the module docstring
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     kh, kw = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
+    if self.spectral_norm:
+      kernel = _sn_kernel(self, kernel, train)
     dtype = self.dtype or x.dtype
     y = conv2d(x.astype(dtype), kernel.astype(dtype), tuple(self.strides))
     if self.use_bias:

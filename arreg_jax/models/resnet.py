@@ -88,6 +88,7 @@ class CifarResNet(nn.Module):
         x = BasicBlock(features, strides, 3 * n, self.use_bn, self.dtype,
                        name=f'stage{stage + 1}_block{block + 1}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
+    self.sow('intermediates', 'features', x)  # Φ(x), for the margin regularizer (poster 004)
     head_init = _he_fan_out if self.use_bn else nn.initializers.zeros_init()
     if self.use_bn:
       head_init = nn.initializers.lecun_normal()

@@ -62,5 +62,6 @@ class WideResNet50(nn.Module):
         x = Bottleneck(planes, planes * self.widen_factor, strides, self.dtype,
                        name=f'group{g + 1}_unit{u + 1}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
+    self.sow('intermediates', 'features', x)  # Φ(x), for the margin regularizer (poster 004)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return x.astype(jnp.float32)

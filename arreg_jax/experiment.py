@@ -8,6 +8,7 @@ Layout of a work directory::
     ar<s>/                 one run per strength s in config.sweep
       config.json          the config, with this run's strength
       metrics.jsonl        one JSON line per epoch
+      margins/epoch<k>.npz per-example margins at chosen epochs (config.margins, poster 004)
       checkpoints/<epoch>/ orbax checkpoints of the TrainState (the last config.checkpoint.keep)
       final.json           final metrics; its presence marks the run finished
 
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from arreg_jax import checkpoint, configuration, distributed, models, sharding, spectral, train
+from arreg_jax import checkpoint, configuration, distributed, models, regularizers, sharding, spectral, train
 from arreg_jax.data import get_dataset
 from arreg_jax.errors import ConfigError, DivergenceError
 
@@ -193,6 +194,9 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
                                        'steps': config.eval.pgd_steps})
   eval_step = train.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=pgd_cfg)
   clean_eval_step = train.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=None)
+  reg = config.regularizer
+  track = _margin_tracker(config, module, ds, mesh, run_dir) if config.margins.track else None
+  ortho = jax.jit(regularizers.orthogonality_penalty) if (reg.ortho_beta or track) else None
 
   epochs = config.train.epochs
   epoch_times = []
@@ -220,6 +224,12 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
            'train_acc': sums['correct'] / sums['count'], 'train_time_s': train_time,
            'images_per_s': sums['count'] / train_time,
            'lr': float(tx_lr(config.train, steps_per_epoch, int(state.step) - 1))}
+    if 'margin_term_sum' in sums:
+      row['train_margin_term'] = sums['margin_term_sum'] / sums['count']
+    if ortho is not None:
+      row['ortho_penalty'] = float(ortho(state.params))
+    if track is not None:
+      row.update(track(state.variables(), epoch))
     if epoch % config.eval.every_epochs == 0 or epoch == epochs:
       test = train.evaluate(eval_step, state.variables(), data.test_images, data.test_labels,
                             batch_size=config.eval.batch_size, key=eval_key,
@@ -248,6 +258,7 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
   final = {
       'strength': strength,
       'clip_to': clip_to,
+      'regularizer': {k: float(reg[k]) for k in ('margin_lambda', 'margin_gamma', 'ortho_beta')},
       'epsilon': strength * config.attack.strength_unit,
       'epochs': epochs,
       'train': train.evaluate(clean_eval_step, state.variables(), data.train_images, data.train_labels,
@@ -255,13 +266,45 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
       'test': train.evaluate(eval_step, state.variables(), data.test_images, data.test_labels,
                              batch_size=config.eval.batch_size, key=eval_key),
   }
-  final['row'] = {**final_row(strength, final), 'clip_to': clip_to}
+  final['row'] = {**final_row(strength, final), 'clip_to': clip_to, 'margin_lambda': float(reg.margin_lambda),
+                  'ortho_beta': float(reg.ortho_beta)}
   write_json(final_path, final)
   ckpt.close()
   r = final['row']
   _print(f'[{tag}] final: train acc {r["train_acc"]:.2f}%  test acc {r["test_acc"]:.2f}%  '
          f'PGD acc {r["pgd_acc"]:.2f}%  train loss {r["train_loss"]:.4f}  test loss {r["test_loss"]:.4f}', flush=True)
   return final
+
+
+def _margin_tracker(config, module, ds, mesh, run_dir: str):
+  """``track(variables, epoch) -> row entries``: min / mean logit and feature-space margins on the clean train and
+  test sets (``arreg_jax.analysis.margin_tracking``); saves the per-example values of the epochs in
+  ``config.margins.hist_epochs`` and of the last epoch to ``margins/epoch<k>.npz``."""
+  from arreg_jax.analysis import margin_tracking  # pylint: disable=g-import-not-at-top
+  limit = config.margins.max_examples
+  hist = set(int(e) for e in config.margins.hist_epochs) | {int(config.train.epochs)}
+  batch = max(config.eval.batch_size // mesh.size, 1) * mesh.size
+
+  def track(variables, epoch: int) -> dict:
+    t0 = time.time()
+    row, arrays = {}, {}
+    for split in ('train', 'test'):
+      summary, a = margin_tracking.track(module, variables, getattr(ds, f'{split}_images'),
+                                         getattr(ds, f'{split}_labels'), split=split, augment_kind=ds.augment,
+                                         batch_size=batch, mesh=mesh, limit=limit)
+      row.update(summary)
+      arrays.update(a)
+    if epoch in hist and distributed.is_main_process():
+      d = os.path.join(run_dir, 'margins')
+      os.makedirs(d, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_', suffix='.npz')
+      with os.fdopen(fd, 'wb') as f:
+        np.savez_compressed(f, epoch=np.int32(epoch), **arrays)
+      os.replace(tmp, os.path.join(d, f'epoch{epoch}.npz'))
+    row['margin_time_s'] = time.time() - t0
+    return row
+
+  return track
 
 
 def compute_dtype(config: ml_collections.ConfigDict):
@@ -300,13 +343,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rows = []
   t0 = time.time()
   clip_sweep = bool(config.spectral.sweep)
-  for strength, clip_to in configuration.sweep_members(config):
+  members = [(s, c, r) for s, c in configuration.sweep_members(config)
+             for r in configuration.regularizer_members(config)]
+  for strength, clip_to, reg in members:
     member = config.copy_and_resolve_references()
     member.spectral.clip_to = clip_to
     member.spectral.sweep = ()
-    final = train_one(member, strength, ds, data, mesh,
-                      os.path.join(workdir, configuration.run_name(strength, clip_to, clip_sweep=clip_sweep)))
-    rows.append(final['row'])
+    if reg is not None:
+      member.regularizer.margin_lambda, member.regularizer.ortho_beta = reg
+      member.regularizer.sweep = ()
+    name = configuration.run_name(strength, clip_to, clip_sweep=clip_sweep, regularizer=reg)
+    final = train_one(member, strength, ds, data, mesh, os.path.join(workdir, name))
+    rows.append({**final['row'], 'run': name})
     summary = {'dataset': ds.name, 'model': config.model.name, 'paper': config.paper,
                'attack': config.attack.kind, 'strength_unit': config.attack.strength_unit, 'rows': rows}
     write_json(os.path.join(workdir, 'summary.json'), summary)

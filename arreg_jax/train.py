@@ -10,6 +10,11 @@ statistics) and never updates them, so crafting δ* does not move the statistics
 switch ``attack.bn_mode = 'batch'`` makes the attack normalize with the batch's own statistics instead (still without
 updating the running averages). The parameter update itself always uses batch statistics and updates the running
 averages once per step, as in standard training.
+
+The average-margin regularizer of poster 004 (``config.regularizer``, :mod:`arreg_jax.regularizers`) changes the
+update's loss to ``mean CE − λ·mean clip_[0,γ](min_{k≠y}(w_y − w_k)ᵀΦ(x)) + β Σ_l ‖W_l W_lᵀ − I‖²_F`` on the same
+(adversarial, when AR > 0) batch; the attack still maximizes the plain cross-entropy. With λ = β = 0 the step is
+the same program as without the regularizer.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from arreg_jax import attacks
+from arreg_jax import attacks, models, regularizers
 from arreg_jax.data import augment
 
 Metrics = dict[str, jax.Array]
@@ -107,9 +112,14 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
   ``images``/``labels`` are the whole device-resident training set (uint8 NHWC, int32); ``batch_index`` (int32,
   shape (B,)) selects this step's examples. The step's randomness is ``fold_in(base_key, state.step)``, so a run
   resumed from a checkpoint draws exactly the keys an uninterrupted run would. Metrics are sums over the batch
-  (``loss_sum``, ``correct``, ``count``), measured on the examples trained on (adversarial ones when AR > 0).
+  (``loss_sum``, ``correct``, ``count``), measured on the examples trained on (adversarial ones when AR > 0);
+  ``loss_sum`` is the cross-entropy part of the loss. With the margin regularizer on, ``margin_term_sum`` adds the
+  batch sum of ``clip_[0,γ]`` of the feature-space margins (poster 004).
   """
   attack = make_attack(config.attack, strength)
+  reg = config.get('regularizer')  # absent in configs not built from configuration.base_config: off
+  lam, gamma, beta = ((float(reg.margin_lambda), float(reg.margin_gamma), float(reg.ortho_beta)) if reg is not None
+                      else (0.0, 1.0, 0.0))
   ramp_steps = int(round(config.train.eps_ramp_epochs * steps_per_epoch))
   attack_train_mode = config.attack.bn_mode == 'batch'
 
@@ -126,16 +136,29 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
 
     def loss_fn(params):
       variables = {'params': params}
-      if state.batch_stats:
+      features = None
+      if lam:  # the forward pass that also returns Φ(x) (poster 004)
+        mutable = ['batch_stats'] if state.batch_stats else []
+        if state.batch_stats:
+          variables['batch_stats'] = state.batch_stats
+        logits, features, updates = models.apply_with_features(module, variables, x, train=True, mutable=mutable)
+        new_stats = updates.get('batch_stats', {})
+      elif state.batch_stats:
         variables['batch_stats'] = state.batch_stats
         logits, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
         new_stats = updates['batch_stats']
       else:
         logits, new_stats = module.apply(variables, x, train=True), {}
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-      return jnp.mean(ce), (logits, new_stats)
+      if not (lam or beta):
+        return jnp.mean(ce), (logits, new_stats, {})
+      last_w = regularizers.effective_head({'params': params, 'batch_stats': state.batch_stats})[0] if lam else None
+      loss, parts = regularizers.regularized_loss(ce, features, params, y, margin_lambda=lam, margin_gamma=gamma,
+                                                  ortho_beta=beta, last_w=last_w)
+      return loss, (logits, new_stats, parts)
 
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, new_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss = parts.get('ce', loss)  # the cross-entropy part of the loss
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
@@ -144,6 +167,8 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
         'correct': jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.float32),
         'count': jnp.asarray(y.shape[0], jnp.float32),
     }
+    if 'margin_term' in parts:
+      metrics['margin_term_sum'] = parts['margin_term'] * y.shape[0]
     return new_state, metrics
 
   return train_step

@@ -10,6 +10,8 @@ Config fields (``ml_collections.ConfigDict``; optional ones may be absent):
   tfds_download: bool (default False): let TFDS download and prepare (needs internet).
   cache_dir:     str | None: Tiny-ImageNet's decode cache (default ~/.cache/arreg_jax).
   classes:       int | None: Tiny-ImageNet only: keep the first K wnids (labels 0..K-1).
+  keep_classes:  tuple of class indices (default ()): keep only their examples, relabelled 0..K-1 in the order
+                 given (e.g. (0, 1) for MNIST 0 vs 1); applied before train_size / test_size.
 """
 
 from __future__ import annotations
@@ -62,6 +64,14 @@ def _first(split: tuple[np.ndarray, np.ndarray], n: int | None, name: str, field
   return images[:n], labels[:n]
 
 
+def _keep(split: tuple[np.ndarray, np.ndarray], keep: tuple[int, ...]):
+  images, labels = split
+  relabel = np.full(max(int(labels.max()), max(keep)) + 1, -1, np.int64)
+  relabel[list(keep)] = np.arange(len(keep))
+  sel = relabel[labels] >= 0
+  return images[sel], relabel[labels[sel]].astype(np.int32)
+
+
 def get_dataset(cfg: Any) -> Dataset:
   """Loads the dataset described by a run config's ``data`` block (see the module docstring).
 
@@ -105,6 +115,13 @@ def get_dataset(cfg: Any) -> Dataset:
     tin = tiny_imagenet.load_files(data_dir, cache_dir=_get(cfg, 'cache_dir'), classes=classes)
     train, test, where, num_classes = tin.train, tin.val, tin.root, tin.num_classes
 
+  keep = tuple(int(k) for k in (_get(cfg, 'keep_classes') or ()))
+  if keep:
+    total = num_classes if num_classes is not None else SPECS[name].num_classes
+    if len(keep) < 2 or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= total:
+      raise ConfigError(f'data.keep_classes={keep} must list at least two distinct classes of {name} '
+                        f'(0..{total - 1}).')
+    train, test, num_classes = _keep(train, keep), _keep(test, keep), len(keep)
   train = _first(train, train_size, name, 'train_size', source)
   test = _first(test, test_size, name, 'test_size', source)
   ds = make_dataset(name, train, test, where=where, num_classes=num_classes)

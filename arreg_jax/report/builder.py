@@ -87,7 +87,8 @@ def write_report(workdir: str, *, analysis_seconds: float | None = None) -> dict
   unit = float(a0.get('strength_unit', 1.0))
   attack = a0.get('attack', 'pgd')
   meta = figures.Meta(dataset=a0['dataset'], model=a0['model'], strength_unit=unit,
-                      title=f'{a0["dataset"]} · {a0["model"]} · {attack.upper()} adversarial training'
+                      title=f'{a0["dataset"]} · {a0["model"]} · '
+                      + ('standard training' if attack == 'none' else f'{attack.upper()} adversarial training')
                       + (f' (paper: {exp.title})' if exp else ''))
   colors = figures.strength_colors([r['record']['strength'] for r in group])
   views = [figures.RunView(r['record']['strength'], r['record'], r['analysis'], r['arrays']) for r in group]

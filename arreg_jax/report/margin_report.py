@@ -75,6 +75,7 @@ def load_runs(workdir: str) -> list[dict]:
         with np.load(p) as z:
           hists[int(m.group(1))] = {k: z[k] for k in z.files}
     runs.append({'name': os.path.basename(d), 'path': d, 'strength': float(cfg.get('strength', 0.0)),
+                 'pgd_eps': (cfg.get('eval') or {}).get('pgd_eps'),
                  'regularizer': regularizer_of(d), 'epochs': rows, 'hists': dict(sorted(hists.items())),
                  'final': _read_json(final_path) if os.path.exists(final_path) else None})
   return sorted(runs, key=lambda r: (r['strength'], r['regularizer']['margin_lambda'], r['regularizer']['ortho_beta']))
@@ -117,7 +118,8 @@ def fig_histograms(runs: list[dict], path: str, title: str, bins: int = 50) -> s
     return None
   values = np.concatenate([h['train_fmargin'] for r in runs for h in r['hists'].values()])
   values = values[np.isfinite(values)]
-  lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (-1.0, 1.0)
+  # Every negative (misclassified) example stays visible; the long upper tail is folded into the last bin.
+  lo, hi = (min(float(values.min()), 0.0), float(np.percentile(values, 99.5))) if values.size else (-1.0, 1.0)
   if not hi > lo:
     lo, hi = lo - 1.0, hi + 1.0
   edges = np.linspace(lo, hi, bins + 1)
@@ -137,8 +139,8 @@ def fig_histograms(runs: list[dict], path: str, title: str, bins: int = 50) -> s
       ax.set_ylabel('number of training examples')
     ax.legend(frameon=False, fontsize=8)
     F._style(ax)  # pylint: disable=protected-access
-  fig.suptitle(title + ' — margin histograms (values outside the 0.5–99.5 % range are put in the end bins)',
-               fontsize=10)
+  fig.suptitle(title + ' — training-set margin histograms (values above the 99.5th percentile are put in the last '
+               'bin)', fontsize=10)
   return F._save(fig, path)  # pylint: disable=protected-access
 
 
@@ -152,16 +154,20 @@ def fig_robustness(runs: list[dict], path: str, title: str) -> str | None:
   x = np.arange(len(runs))
   clean = [100 * r['final']['test']['acc'] for r in runs]
   pgd = [100 * r['final']['test'].get('pgd_acc', float('nan')) for r in runs]
+  eps = runs[0]['pgd_eps']
   ax.bar(x - 0.18, clean, 0.36, color='0.6', label='clean test accuracy')
-  ax.bar(x + 0.18, pgd, 0.36, color='#d62728', label='PGD accuracy (clean-correct test examples)')
+  ax.bar(x + 0.18, pgd, 0.36, color='#d62728',
+         label='PGD accuracy (share of clean-correct test examples still correct'
+         + (f', L∞ ε = {eps:.3g})' if eps is not None else ')'))
   for xi, c, p in zip(x, clean, pgd):
     ax.text(xi - 0.18, c + 1, f'{c:.1f}', ha='center', fontsize=8)
     ax.text(xi + 0.18, p + 1, f'{p:.1f}', ha='center', fontsize=8)
   ax.set_xticks(x)
   ax.set_xticklabels([run_label(r).replace(' (', '\n(') for r in runs], fontsize=8)
   ax.set_ylabel('accuracy (%)')
-  ax.set_ylim(0, 110)
-  ax.legend(frameon=False, fontsize=8, loc='lower right')
+  ax.set_ylim(0, 130)
+  ax.set_yticks(range(0, 101, 20))
+  ax.legend(frameon=False, fontsize=8, loc='upper center', ncol=1)
   F._style(ax)  # pylint: disable=protected-access
   fig.suptitle(title + ' — robustness', fontsize=10)
   return F._save(fig, path)  # pylint: disable=protected-access
@@ -187,16 +193,18 @@ def section(workdir: str, fig_dir: str, title: str) -> str:
            'negative while any example is misclassified. The poster: standard training raises the minimum margin '
            'and lowers the average; its regularizer, −λ·clip_[0,γ]((w_y − w_k)ᵀΦ(x)) + β Σ_l ‖W_l W_lᵀ − I‖²_F, keeps '
            'the average up and improves robustness.\n')
-  L.append('| run | λ | γ | β | epochs | train fmargin min (first → last) | train fmargin mean (first → last) | '
-           'test fmargin mean (last) | test acc (%) | PGD acc (%) |')
+  L.append('| run | λ | γ | β | epochs | train fmargin min (first → last) | train fmargin mean (first → highest '
+           '[epoch] → last) | test fmargin mean (last) | test acc (%) | PGD acc (%) |')
   L.append('|---|---|---|---|---|---|---|---|---|---|')
   for r in runs:
     e0, e1 = r['epochs'][0], r['epochs'][-1]
+    peak = max(r['epochs'], key=lambda e: e['train_fmargin_mean'])
     reg = r['regularizer']
     fin = r['final']
     L.append(f'| {r["name"]} | {reg["margin_lambda"]:g} | {reg["margin_gamma"]:g} | {reg["ortho_beta"]:g} | '
              f'{e1["epoch"]} | {_fmt(e0["train_fmargin_min"])} → {_fmt(e1["train_fmargin_min"])} | '
-             f'{_fmt(e0["train_fmargin_mean"])} → {_fmt(e1["train_fmargin_mean"])} | {_fmt(e1["test_fmargin_mean"])} | '
+             f'{_fmt(e0["train_fmargin_mean"])} → {_fmt(peak["train_fmargin_mean"])} [{peak["epoch"]}] → '
+             f'{_fmt(e1["train_fmargin_mean"])} | {_fmt(e1["test_fmargin_mean"])} | '
              + (f'{100 * fin["test"]["acc"]:.2f} | {100 * fin["test"].get("pgd_acc", float("nan")):.2f} |'
                 if fin else '— | — |'))
   L.append('')

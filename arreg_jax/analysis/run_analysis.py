@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from arreg_jax import distributed, experiment, sharding, train
+from arreg_jax import distributed, experiment, models, sharding, train
 from arreg_jax.analysis import batching, boundary, bounds, distributions, margins, restore, singular_values
 from arreg_jax.analysis import smoothness
 from arreg_jax.analysis import sweep as sweep_lib
@@ -235,6 +235,7 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
       logging.info('%s: analysis.json is up to date', run_dir)
       return old
   config, module, variables, ds, epoch = restore.restore_run(run_dir)
+  variables = models.fold_spectral_norm(variables)  # SN models: analyse the kernels the forward pass applies
   strength = float(raw_cfg['strength'])
   timing = {'restore_s': time.time() - t_start}
 

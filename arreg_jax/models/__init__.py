@@ -116,3 +116,35 @@ def apply_with_features(module: nn.Module, variables, images, *, train: bool, mu
   if len(feats) != 1:
     raise ValueError(f'{type(module).__name__} sowed {len(feats)} feature tensors, expected exactly one')
   return logits, feats[0], state
+
+
+def fold_spectral_norm(variables: dict) -> dict:
+  """``variables`` with every spectrally normalized kernel replaced by the kernel the forward pass applies.
+
+  For each layer with a power-iteration vector ``batch_stats[...]['sn_u']`` the ``kernel`` becomes ``kernel / σ``,
+  σ the stored estimate (:func:`arreg_jax.spectral.power_iteration` with no further round). Inference is unchanged —
+  σ of the folded kernel with the same ``u`` is exactly 1 — but analyses that read ``params`` (singular values,
+  bound terms, the last layer's rows) now see the normalized operator. Models without SN are returned as they are.
+  """
+  from arreg_jax import spectral  # pylint: disable=g-import-not-at-top
+  stats = variables.get('batch_stats') or {}
+  found = [(tuple(getattr(k, 'key', k) for k in path[:-1]), u)
+           for path, u in jax.tree_util.tree_flatten_with_path(stats)[0]
+           if getattr(path[-1], 'key', None) == 'sn_u']
+  if not found:
+    return variables
+  params = jax.tree.map(lambda x: x, dict(variables['params']))  # a copy we may edit
+
+  def edit(tree, path, fn):
+    tree = dict(tree)
+    tree[path[0]] = fn(tree[path[0]]) if len(path) == 1 else edit(tree[path[0]], path[1:], fn)
+    return tree
+
+  for path, u in found:
+    def fold(layer, u=u):
+      layer = dict(layer)
+      sigma, _ = spectral.power_iteration(spectral.miyato_matrix(layer['kernel']), u, n_iter=0)
+      layer['kernel'] = layer['kernel'] / sigma
+      return layer
+    params = edit(params, path, fold)
+  return {**variables, 'params': params}

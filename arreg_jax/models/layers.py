@@ -15,8 +15,9 @@ models ride on the state plumbing BatchNorm models already have (``TrainState.ba
 step's ``mutable=['batch_stats']`` parameter update). One power-iteration round updates ``u`` only in a call with
 ``train=True`` **and** the collection mutable — the parameter-update forward pass of the train step. The attack
 (``train=False``, or ``train=True`` without ``mutable``) and evaluation use the stored ``u`` unchanged
-(``σ = uᵀWv``, ``v = Wᵀu/‖Wᵀu‖``). The spectral toolkit (``layer_specs``, clipping, singular-value analysis) sees the
-raw ``kernel`` parameter, not the normalized one.
+(``σ = uᵀWv``, ``v = Wᵀu/‖Wᵀu‖``). The spectral toolkit (``layer_specs``, clipping) sees the raw ``kernel``
+parameter; the analysis first folds σ into the kernels (``arreg_jax.models.fold_spectral_norm``), so singular values
+and bound terms are those of the layers the network applies.
 """
 
 from __future__ import annotations

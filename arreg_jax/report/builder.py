@@ -156,9 +156,11 @@ def _markdown(workdir, group, records, claim_list, exp, meta, paths, missing, no
     'regularizer: the gap between training and test loss shrinks, margins and predicted probabilities become less '
     'confident, the spread of each layer\'s singular values shrinks, and the loss varies less inside small '
     'perturbation balls, while clean test accuracy drops.\n')
-  w(f'Here **{meta.model}** was trained on **{meta.dataset}** with {a0.get("attack", "pgd").upper()} adversarial '
-    f'training at AR strengths {", ".join(f"{s:g}" for s in ss)} (training ε = {", ".join(eps_of(s) for s in ss)}; '
-    'strength 0 is standard training). '
+  w((f'Here **{meta.model}** was trained on **{meta.dataset}** with standard training only (no training attack). '
+     if a0.get('attack') == 'none' else
+     f'Here **{meta.model}** was trained on **{meta.dataset}** with {a0.get("attack", "pgd").upper()} adversarial '
+     f'training at AR strengths {", ".join(f"{s:g}" for s in ss)} (training ε = {", ".join(eps_of(s) for s in ss)}; '
+     'strength 0 is standard training). ')
     + (f'The sweep reproduces the paper\'s **{exp.title}** ({exp.table}); published numbers are shown beside '
        'ours.' if exp else 'The sweep does not correspond to a published experiment of the paper, so no published '
        'numbers are shown; the claims are checked on their own terms.')

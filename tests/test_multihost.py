@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--config', 'configs/mnist.py:smoke', '--config.sweep=(0.1,)']
 

@@ -1,5 +1,6 @@
 """The paper configs end to end through ``python -m arreg_jax.main`` in their ``:smoke`` versions: CIFAR from files
-the test writes in the upstream format, Tiny-ImageNet from ../shared/data where present. Slow (minutes on 2 CPU
+the test writes in the upstream format, Tiny-ImageNet from ../shared/data where present, draft 003's LeNet-SN on the
+embedded MNIST. Slow (minutes on 2 CPU
 cores): ``python -m pytest -m slow``."""
 
 import json
@@ -61,3 +62,15 @@ def test_tiny_imagenet_smoke_on_the_shared_files(tmp_path):
             f'--config.data.cache_dir={tmp_path / "cache"}', '--config.train.epochs=1')
   assert r.returncode == 0, r.stderr[-3000:]
   _check_sweep(tmp_path / 'w', ['ar0', 'ar4'])
+
+
+def test_draft003_mnist_lenet_smoke(tmp_path):
+  """Draft 003's LeNet with Miyato SN on the embedded MNIST: its Table 1 layout and the training-set loss variation."""
+  r = _main(tmp_path / 'w', 'configs/draft003_mnist_lenet.py:smoke', '--config.train.epochs=1')
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.loads((tmp_path / 'w' / 'summary.json').read_text())
+  runs = [f"ar{row['strength']:g}" for row in summary['rows']]
+  md = _check_sweep(tmp_path / 'w', runs)
+  a = json.loads((tmp_path / 'w' / runs[-1] / 'analysis.json').read_text())
+  assert a['settings']['loss_variation_split'] == 'train_correct'
+  assert 'draft' in md.lower()

@@ -1,7 +1,6 @@
 """The paper configs end to end through ``python -m arreg_jax.main`` in their ``:smoke`` versions: CIFAR from files
 the test writes in the upstream format, Tiny-ImageNet from ../shared/data where present, draft 003's LeNet-SN on the
-embedded MNIST. Slow (minutes on 2 CPU
-cores): ``python -m pytest -m slow``."""
+embedded MNIST. Slow (minutes on 2 CPU cores): ``python -m pytest -m slow``."""
 
 import json
 import os

@@ -46,6 +46,8 @@ import jaxlib
 import numpy as np
 
 from arreg_jax import spectral
+from arreg_jax.spectral import conv as spectral_conv
+from arreg_jax.spectral import model as spectral_model
 
 _INPUT_SHAPES = {'resnet56': (1, 32, 32, 3), 'wrn50_2': (1, 56, 56, 3)}
 _NUM_CLASSES = {'resnet56': 10, 'wrn50_2': 200}
@@ -135,7 +137,7 @@ def _kernel(params, spec):
 
 def bench_model(name: str, args) -> dict[str, Any]:
   params, specs, source = _model_layers(name)
-  groups = spectral._group_specs(specs)  # pylint: disable=protected-access
+  groups = spectral_model._group_specs(specs)  # pylint: disable=protected-access
   c = jnp.float32(args.max_sv)
   print(f'\n== {name}: {len(specs)} conv layers in {len(groups)} groups of equal shape ({source})', flush=True)
   result: dict[str, Any] = {'source': source, 'num_conv_layers': len(specs), 'num_groups': len(groups),
@@ -149,12 +151,12 @@ def bench_model(name: str, args) -> dict[str, Any]:
     return [spectral.clip_conv_kernel(_kernel(params, s), s.input_hw, c, rounds=args.rounds, stride=s.stride)
             for s in specs]
 
-  svs_fn = spectral._compiled_svs(specs)  # pylint: disable=protected-access
+  svs_fn = spectral_model._compiled_svs(specs)  # pylint: disable=protected-access
   spectra = lambda: svs_fn(params)
 
   # Compile times: ahead-of-time lowering + compilation of the single programs; the loop's first pass (which
   # compiles one program per distinct layer shape) minus its median run.
-  clip_fn = spectral._compiled_clip(spectral._check_specs(specs), args.rounds)  # pylint: disable=protected-access
+  clip_fn = spectral_model._compiled_clip(spectral_model._check_specs(specs), args.rounds)  # pylint: disable=protected-access
   t0 = time.perf_counter()
   clip_fn.lower(params, c).compile()
   compile_batched = time.perf_counter() - t0
@@ -210,7 +212,7 @@ def estimate_model(name: str, args) -> dict[str, Any]:
   For models too slow to clip whole on this device (WRN-50-2 on CPU): an estimate of one full clip, labelled so.
   """
   params, specs, source = _model_layers(name)
-  groups = spectral._group_specs(specs)  # pylint: disable=protected-access
+  groups = spectral_model._group_specs(specs)  # pylint: disable=protected-access
   c = jnp.float32(args.max_sv)
   print(f'\n== {name} (estimate): {len(specs)} conv layers in {len(groups)} groups ({source})', flush=True)
   rows, total, total_compile = [], 0.0, 0.0
@@ -218,7 +220,7 @@ def estimate_model(name: str, args) -> dict[str, Any]:
     spec = specs[idx[0]]
     kernel = _kernel(params, spec)
     t0 = time.perf_counter()
-    compiled = spectral._clip_conv_kernel_jit.lower(  # pylint: disable=protected-access
+    compiled = spectral_conv._clip_conv_kernel_jit.lower(  # pylint: disable=protected-access
         kernel, c, input_hw=spec.operator_hw, stride=spec.stride, rounds=args.rounds).compile()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -273,23 +275,23 @@ def _eigh_vs_svd(params, specs, repeats) -> dict[str, Any]:
   for s in specs:
     plan = s.plan()
     if plan.pointwise:
-      mat = spectral._pointwise_matrix(_kernel(params, s))  # pylint: disable=protected-access
+      mat = spectral_conv._pointwise_matrix(_kernel(params, s))  # pylint: disable=protected-access
       mats.append(mat.astype(jnp.complex64)[None])
     else:
-      f = spectral._freq_matrices(_kernel(params, s), plan)  # pylint: disable=protected-access
+      f = spectral_conv._freq_matrices(_kernel(params, s), plan)  # pylint: disable=protected-access
       mats.append(f.reshape(-1, *f.shape[-2:]))
 
-  # One batched LAPACK call in flight at a time (spectral._after): concurrent ones can deadlock XLA:CPU.
+  # One batched LAPACK call in flight at a time (spectral_model._after): concurrent ones can deadlock XLA:CPU.
   def by_svd(ms):
     out = [None]
     for m in ms:
-      out.append(jnp.linalg.svd(spectral._after(m, out[-1]), compute_uv=False))  # pylint: disable=protected-access
+      out.append(jnp.linalg.svd(spectral_model._after(m, out[-1]), compute_uv=False))  # pylint: disable=protected-access
     return out[1:]
 
   def by_eigh(ms):
     out = [None]
     for m in ms:
-      m = spectral._after(m, out[-1])  # pylint: disable=protected-access
+      m = spectral_model._after(m, out[-1])  # pylint: disable=protected-access
       g = (jnp.conj(jnp.swapaxes(m, -1, -2)) @ m if m.shape[-2] >= m.shape[-1]
            else m @ jnp.conj(jnp.swapaxes(m, -1, -2)))
       ev = jnp.linalg.eigvalsh(g, symmetrize_input=False)

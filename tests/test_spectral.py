@@ -19,6 +19,7 @@ import pytest
 from jax import lax
 
 from arreg_jax import spectral
+from arreg_jax.spectral import model as spectral_model
 from arreg_jax.models.layers import Conv
 
 _TOL = 1e-5  # float32 results vs the float64 oracle, relative to the largest singular value
@@ -301,9 +302,9 @@ def test_clip_params_batched_equals_per_layer(tiny):
   np.testing.assert_array_equal(clipped['head']['bias'], params['head']['bias'])
   np.testing.assert_array_equal(clipped['flax_down']['bias'], params['flax_down']['bias'])
   # one compiled function per (specs, rounds): a new c is a new argument, not a new program
-  before = spectral._compiled_clip.cache_info().misses
+  before = spectral_model._compiled_clip.cache_info().misses
   spectral.clip_params(params, specs, 2.0, rounds=rounds)
-  assert spectral._compiled_clip.cache_info().misses == before
+  assert spectral_model._compiled_clip.cache_info().misses == before
 
 
 def test_chunked_groups_match_vmapped_groups(tiny, monkeypatch):
@@ -315,16 +316,16 @@ def test_chunked_groups_match_vmapped_groups(tiny, monkeypatch):
   specs = (specs['stem'], spectral.LayerSpec(('stem2',), 'conv', specs['stem'].kernel_shape, (1, 1), (8, 8)),
            specs['down'], specs['head'])
   want_clip = spectral.clip_params(params, specs, 0.8, rounds=2)
-  want_svs = spectral._compiled_svs(specs)(params)
-  monkeypatch.setattr(spectral, '_CHUNK_BYTES', 1)
-  spectral._compiled_clip.cache_clear()
-  spectral._compiled_svs.cache_clear()
+  want_svs = spectral_model._compiled_svs(specs)(params)
+  monkeypatch.setattr(spectral_model, '_CHUNK_BYTES', 1)
+  spectral_model._compiled_clip.cache_clear()
+  spectral_model._compiled_svs.cache_clear()
   try:
     got_clip = spectral.clip_params(params, specs, 0.8, rounds=2)
-    got_svs = spectral._compiled_svs(specs)(params)
+    got_svs = spectral_model._compiled_svs(specs)(params)
   finally:
-    spectral._compiled_clip.cache_clear()
-    spectral._compiled_svs.cache_clear()
+    spectral_model._compiled_clip.cache_clear()
+    spectral_model._compiled_svs.cache_clear()
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_clip, want_clip)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_svs, want_svs)
 

@@ -100,11 +100,11 @@ SN_COLLECTION = 'batch_stats'
 
 def _sn_kernel(module: nn.Module, kernel: jax.Array, train: bool) -> jax.Array:
   """``kernel / σ`` with σ from one power-iteration round (kept only in a mutable train call)."""
-  from arreg_jax import spectral  # pylint: disable=g-import-not-at-top  (spectral is model-agnostic)
-  u = module.variable(SN_COLLECTION, 'sn_u', lambda: spectral._l2_normalize(  # pylint: disable=protected-access
+  from arreg_jax.spectral import power  # pylint: disable=g-import-not-at-top  (spectral is model-agnostic)
+  u = module.variable(SN_COLLECTION, 'sn_u', lambda: power._l2_normalize(  # pylint: disable=protected-access
       jax.random.normal(module.make_rng('params'), (kernel.shape[-1],), jnp.float32)))
   update = train and module.is_mutable_collection(SN_COLLECTION) and not module.is_initializing()
-  sigma, u_new = spectral.power_iteration(spectral.miyato_matrix(kernel), u.value, n_iter=1 if update else 0)
+  sigma, u_new = power.power_iteration(power.miyato_matrix(kernel), u.value, n_iter=1 if update else 0)
   if update:
     u.value = u_new
   return kernel / sigma

@@ -19,7 +19,6 @@ the same program as without the regularizer.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import chex

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from arreg_jax.models.layers import Conv

@@ -55,6 +55,18 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+  """Writes a compressed ``.npz`` atomically, from process 0 only (as :func:`write_json`)."""
+  if not distributed.is_main_process():
+    return
+  d = os.path.dirname(path) or '.'
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_', suffix='.npz')
+  with os.fdopen(fd, 'wb') as f:
+    np.savez_compressed(f, **arrays)
+  os.replace(tmp, path)
+
+
 def read_json(path: str) -> Any:
   with open(path) as f:
     return json.load(f)
@@ -294,13 +306,8 @@ def _margin_tracker(config, module, ds, mesh, run_dir: str):
                                          batch_size=batch, mesh=mesh, limit=limit)
       row.update(summary)
       arrays.update(a)
-    if epoch in hist and distributed.is_main_process():
-      d = os.path.join(run_dir, 'margins')
-      os.makedirs(d, exist_ok=True)
-      fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_', suffix='.npz')
-      with os.fdopen(fd, 'wb') as f:
-        np.savez_compressed(f, epoch=np.int32(epoch), **arrays)
-      os.replace(tmp, os.path.join(d, f'epoch{epoch}.npz'))
+    if epoch in hist:
+      write_npz(os.path.join(run_dir, 'margins', f'epoch{epoch}.npz'), {'epoch': np.int32(epoch), **arrays})
     row['margin_time_s'] = time.time() - t0
     return row
 

@@ -116,9 +116,8 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
   batch sum of ``clip_[0,γ]`` of the feature-space margins (poster 004).
   """
   attack = make_attack(config.attack, strength)
-  reg = config.get('regularizer')  # absent in configs not built from configuration.base_config: off
-  lam, gamma, beta = ((float(reg.margin_lambda), float(reg.margin_gamma), float(reg.ortho_beta)) if reg is not None
-                      else (0.0, 1.0, 0.0))
+  reg = config.regularizer
+  lam, gamma, beta = float(reg.margin_lambda), float(reg.margin_gamma), float(reg.ortho_beta)
   ramp_steps = int(round(config.train.eps_ramp_epochs * steps_per_epoch))
   attack_train_mode = config.attack.bn_mode == 'batch'
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -106,14 +105,6 @@ def json_safe(obj: Any) -> Any:
   if isinstance(obj, np.integer):
     return int(obj)
   return obj
-
-
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-  d = os.path.dirname(path)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_', suffix='.npz')
-  with os.fdopen(fd, 'wb') as f:
-    np.savez_compressed(f, **arrays)
-  os.replace(tmp, path)
 
 
 def _summary_size(ds, s) -> int:
@@ -295,7 +286,7 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
   }
   if not distributed.is_main_process():  # every process computes; process 0 writes
     return json_safe(result)
-  _save_npz(os.path.join(run_dir, 'per_example.npz'), arrays)
+  experiment.write_npz(os.path.join(run_dir, 'per_example.npz'), arrays)
   write_json(out_path, result)
   return experiment.read_json(out_path)
 

@@ -1,15 +1,20 @@
 """The config schema: every key a run config may set, its default, and the checks run before anything is written.
 
-Config files in ``configs/`` start from :func:`base_config` and override what their experiment changes. Keys that
-are not in the schema are rejected (a misspelt key must not be silently ignored). ``--config configs/x.py:smoke``
-passes ``'smoke'`` to the file's ``get_config``, which applies :func:`smoke` — a tiny version of the same experiment
+Config files in ``configs/`` start from :func:`base_config` — a *locked* ``ConfigDict``, so that assigning a
+misspelt key in a config file or on the command line (``--config.train.epoch=5``) fails at once instead of being
+silently ignored — and override what their experiment changes. Optional fields are ``config_dict.placeholder``s
+(typed ``FieldReference``s where the default is not None); ``--config.<key>=None`` sets one back to None
+(:func:`set_to_none`). :func:`validate` holds every value rule, once. ``--config configs/x.py:smoke`` passes
+``'smoke'`` to the file's ``get_config``, which applies :func:`smoke` — a tiny version of the same experiment
 (small data, a few steps, the same code paths) that finishes in under a minute on a CPU.
 """
 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
+from arreg_jax import config_json
 from arreg_jax.data import DATASETS, SOURCES
 from arreg_jax.errors import ConfigError
 
@@ -21,16 +26,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.precision = 'float32'             # 'float32' | 'bfloat16' (compute in bf16; params, optimizer, loss in f32)
   # The paper experiment this config reproduces (a key of arreg_jax.report.paper), or None.
-  c.paper = ml_collections.FieldReference(None, field_type=str)
+  c.paper = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'mnist'
   c.data.source = 'embedded'          # 'embedded' (MNIST subset in the package) | 'files' | 'tfds'
-  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-  c.data.cache_dir = ml_collections.FieldReference(None, field_type=str)
-  c.data.train_size = ml_collections.FieldReference(None, field_type=int)
-  c.data.test_size = ml_collections.FieldReference(None, field_type=int)
-  c.data.classes = ml_collections.FieldReference(None, field_type=int)  # Tiny-ImageNet: first K classes only
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.cache_dir = config_dict.placeholder(str)
+  c.data.train_size = config_dict.placeholder(int)
+  c.data.test_size = config_dict.placeholder(int)
+  c.data.classes = config_dict.placeholder(int)  # Tiny-ImageNet: first K classes only
   # Keep only these classes, relabelled 0..K-1 in this order (e.g. (0, 1): MNIST 0 vs 1, poster 004); () = all.
   # Applied before train_size / test_size.
   c.data.keep_classes = ()
@@ -59,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.strength_unit = 1 / 255
   c.attack.steps = 10
   c.attack.step_size = ml_collections.FieldReference(2 / 255, field_type=float)  # absolute; or None and …
-  c.attack.step_size_rel = ml_collections.FieldReference(None, field_type=float)  # … a fraction of ε
+  c.attack.step_size_rel = config_dict.placeholder(float)  # … a fraction of ε
   c.attack.random_start = True
   c.attack.bn_mode = 'eval'           # BatchNorm during the attack: 'eval' (running stats) | 'batch'
 
@@ -79,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   # project-and-clip rounds per conv kernel. `sweep` (e.g. (1, 3, 5, None)) makes clip_to a second sweep dimension:
   # one run per (AR strength, clip value), in directories ar<s>_sp<c>.
   c.spectral = ml_collections.ConfigDict()
-  c.spectral.clip_to = ml_collections.FieldReference(None, field_type=float)
+  c.spectral.clip_to = config_dict.placeholder(float)
   c.spectral.every_epochs = 1
   c.spectral.rounds = 1
   c.spectral.sweep = ()
@@ -101,26 +106,31 @@ def base_config() -> ml_collections.ConfigDict:
   # margins/epoch<k>.npz in the run directory (margin histograms).
   c.margins = ml_collections.ConfigDict()
   c.margins.track = False
-  c.margins.max_examples = ml_collections.FieldReference(None, field_type=int)  # per split; None = all
+  c.margins.max_examples = config_dict.placeholder(int)  # per split; None = all
   c.margins.hist_epochs = ()
 
   # Several hosts (arreg_jax.distributed): jax.distributed.initialize() before anything runs; the three values are
   # detected on Cloud TPU, Slurm and Open MPI when left None. Every host runs the same command and --workdir.
   c.distributed = ml_collections.ConfigDict()
   c.distributed.enabled = False
-  c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)  # 'host:port' of process 0
-  c.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
-  c.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
+  c.distributed.coordinator_address = config_dict.placeholder(str)  # 'host:port' of process 0
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3
+
+  # What a run reports while it trains (arreg_jax.metrics_writer); changes nothing that is trained.
+  c.logging = ml_collections.ConfigDict()
+  c.logging.tensorboard = True        # TensorBoard scalars in <run>/tensorboard/ when tensorboardX is installed
+  c.logging.progress_every_s = 30.0   # an in-epoch progress line at most this often (0: never)
 
   # The analysis and report run after the sweep (arreg_jax.analysis, arreg_jax.report; SPEC §5–6).
   c.analysis = ml_collections.ConfigDict()
   c.analysis.enabled = True           # analyse every finished run and write report.md at the end of run()
   # Margins, probabilities and losses (Fig. 1b, 4, 5a,b) over the first N examples of each split (None = all).
-  c.analysis.max_train_examples = ml_collections.FieldReference(None, field_type=int)
-  c.analysis.max_test_examples = ml_collections.FieldReference(None, field_type=int)
+  c.analysis.max_train_examples = config_dict.placeholder(int)
+  c.analysis.max_test_examples = config_dict.placeholder(int)
   c.analysis.bins = 60                # histogram bins; the edges are fixed, the same for every run
   c.analysis.margin_range = (-20.0, 20.0)  # margin histogram range (logits); outside values go to the end bins
   c.analysis.margin_tau = 1.0         # also report the fraction of examples with |margin| < tau
@@ -145,12 +155,18 @@ def base_config() -> ml_collections.ConfigDict:
   # Constants of the bound (eq. 4): ramp width γ (None = the median training margin), covering constant C_X and
   # dimension k, covering radius ε (None = the run's training ε, or eval.pgd_eps at AR 0), confidence η.
   c.analysis.bound = ml_collections.ConfigDict()
-  c.analysis.bound.gamma = ml_collections.FieldReference(None, field_type=float)
+  c.analysis.bound.gamma = config_dict.placeholder(float)
   c.analysis.bound.c_x = 1.0
   c.analysis.bound.k = 10.0
-  c.analysis.bound.eps = ml_collections.FieldReference(None, field_type=float)
+  c.analysis.bound.eps = config_dict.placeholder(float)
   c.analysis.bound.eta = 0.05
+  c.lock()
   return c
+
+
+# Blocks that do not change what a run trains: a run resumes (and a finished run is reused) under new values of
+# these; any other difference from its saved config.json is refused.
+NON_TRAINING_BLOCKS = ('analysis', 'distributed', 'logging')
 
 
 def cifar_paper(dataset: str, model: str, attack: str = 'pgd') -> ml_collections.ConfigDict:
@@ -176,7 +192,7 @@ def cifar_paper(dataset: str, model: str, attack: str = 'pgd') -> ml_collections
   return c
 
 
-def draft003_cifar(dataset: str, model: str) -> ml_collections.ConfigDict:
+def spectral_norm_cifar(dataset: str, model: str) -> ml_collections.ConfigDict:
   """The CIFAR setting of draft 003's appendix A: :func:`cifar_paper` with batch 512, 160 epochs, lr 0.05 halved
   every 30 epochs, AR strengths 0, 4, 8, 16, and the loss variation on correctly classified training examples."""
   c = cifar_paper(dataset, model, attack='pgd')
@@ -225,26 +241,9 @@ def from_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.Co
   raise ConfigError(f"unknown config argument {arg!r}: use 'configs/<name>.py' or 'configs/<name>.py:smoke'")
 
 
-def _unknown_keys(c, ref, prefix=''):
-  out = []
-  for k in c.keys():
-    if k not in ref:
-      out.append(prefix + k)
-    elif isinstance(ref[k], ml_collections.ConfigDict):
-      if not isinstance(c[k], ml_collections.ConfigDict):
-        out.append(prefix + k + ' (must be a block)')
-      else:
-        out.extend(_unknown_keys(c[k], ref[k], prefix + k + '.'))
-  return out
-
-
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for the first problem found: unknown keys, bad names, impossible values."""
-  unknown = _unknown_keys(c, base_config())
-  if unknown:
-    raise ConfigError(f'unknown config key(s): {", ".join(unknown)}. Check the spelling; the valid keys and their '
-                      'defaults are in arreg_jax/configuration.py (base_config)')
-
+  """Raises ConfigError for the first problem found: bad names, impossible values (there are no unknown keys:
+  the config is locked)."""
   def need(ok, msg):
     if not ok:
       raise ConfigError(msg)
@@ -347,25 +346,28 @@ def validate(c: ml_collections.ConfigDict) -> None:
        f'config.margins.hist_epochs must list epochs >= 1, got {tuple(m.hist_epochs)}')
 
 
-def run_name(strength: float, clip_to: float | None = None, *, clip_sweep: bool = False,
-             regularizer: tuple[float, float] | None = None) -> str:
-  """The run directory of one sweep member: ``ar4``, ``ar0.1``, …; ``ar4_sp1`` / ``ar4_spnone`` in a sweep that
-  also varies the spectral clipping threshold; ``ar0_ml0.5_ob0.001`` in one that varies the margin regularizer's
-  (λ, β)."""
-  name = f'ar{strength:g}'
-  if clip_sweep:
-    name += '_sp' + ('none' if clip_to is None else f'{clip_to:g}')
-  if regularizer is not None:
-    name += f'_ml{regularizer[0]:g}_ob{regularizer[1]:g}'
-  return name
+def nullable(dotted: str) -> bool:
+  """Whether ``dotted`` is an optional field of the schema (a placeholder or typed reference: may be None)."""
+  *parents, leaf = dotted.split('.')
+  node = base_config()
+  for part in parents:
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      return False
+    node = node[part]
+  refs = dict(node.items(preserve_field_references=True))
+  return isinstance(refs.get(leaf), ml_collections.FieldReference)
 
 
-def regularizer_members(c: ml_collections.ConfigDict) -> list[tuple[float, float] | None]:
-  """The (margin_lambda, ortho_beta) of every member of the regularizer sweep dimension, or ``[None]``."""
-  return [(float(a), float(b)) for a, b in c.regularizer.sweep] or [None]
-
-
-def sweep_members(c: ml_collections.ConfigDict) -> list[tuple[float, float | None]]:
-  """(AR strength, clip threshold) of every run of the sweep, AR-major."""
-  clips = list(c.spectral.sweep) or [c.spectral.clip_to]
-  return [(float(s), None if v is None else float(v)) for s in c.sweep for v in clips]
+def set_to_none(config: ml_collections.ConfigDict, dotted: str) -> None:
+  """``--config.<dotted>=None``: sets an optional field to None; any other key is a ConfigError."""
+  if not config_json.has_key(config, dotted):
+    raise ConfigError(f'unknown config key {dotted!r} (--config.{dotted}=None). Check the spelling; the valid keys '
+                      'and their defaults are in arreg_jax/configuration.py (base_config)')
+  if not nullable(dotted):
+    raise ConfigError(f'config.{dotted} cannot be None; give it a value (its default is in '
+                      'arreg_jax/configuration.py, base_config)')
+  *parents, leaf = dotted.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  setattr(node, leaf, None)

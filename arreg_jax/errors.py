@@ -20,3 +20,11 @@ class DataError(ArregError, OSError):
 
 class DivergenceError(ArregError, FloatingPointError):
   """Training produced a NaN or infinite loss."""
+
+
+class OutputError(ArregError, OSError):
+  """A result file could not be written (a full disk, a file-size limit, no permission); nothing was half-written."""
+
+
+class MemoryPlanError(ArregError, MemoryError):
+  """A compiled step needs more device memory than the device has."""

@@ -1,8 +1,11 @@
 """Command-line entry point: ``python -m arreg_jax.main --config configs/<name>.py --workdir DIR``.
 
-Config values can be overridden on the command line (``--config.train.epochs=5``); ``--config
-configs/<name>.py:smoke`` runs a tiny version of any config. Errors caused by the input (config, data, divergence)
-are printed as one line, without a traceback, and exit with status 2.
+Trains every member of the config's sweep (:mod:`arreg_jax.trainer`), then — unless ``config.analysis.enabled`` is
+off — analyses each finished run (:mod:`arreg_jax.sweep_analysis`) and writes the report
+(:mod:`arreg_jax.report.builder`), in turn. Config values can be overridden on the command line
+(``--config.train.epochs=5``; ``--config.data.train_size=None`` sets an optional value back to None);
+``--config configs/<name>.py:smoke`` runs a tiny version of any config. Errors caused by the input (config, data,
+work directory, divergence, a full disk) are printed as one line, without a traceback, and exit with status 2.
 """
 
 from __future__ import annotations
@@ -14,15 +17,16 @@ import os
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import re
-import sys
+import time
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from arreg_jax import distributed, experiment
+from arreg_jax import configuration, distributed, sharding, sweep_analysis, trainer
+from arreg_jax.cli import fail, quiet_orbax
 from arreg_jax.errors import ArregError
+from arreg_jax.report import builder
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<name>.py[:smoke]).',
@@ -30,45 +34,68 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the report.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+_NONE_OVERRIDE = re.compile(r'^--config\.([\w.]+)=(None|none)$')
+_none_overrides: list[str] = []
+
+
+def run(config, workdir: str) -> dict:
+  """Train → analyse → report for ``config`` in ``workdir``; returns the training summary."""
+  mesh = sharding.make_mesh()
+  summary = trainer.train_sweep(config, workdir, mesh=mesh)
+  if config.analysis.enabled:
+    analysis = sweep_analysis.analyze_sweep(workdir, reuse=True, mesh=mesh)
+    if distributed.is_main_process():  # the report only reads files: process 0 alone
+      t = time.time()
+      out = builder.write_report(workdir, analysis_seconds=analysis['analysis_s'])
+      print(f'[report] {out["report"]} ({time.time() - t:.1f} s)', flush=True)
+  return summary
+
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  # Orbax logs every step of every save at INFO; keep its warnings and errors only.
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.converter.STANDARD_WARNING or '/orbax/' not in r.pathname)
+    fail(f'unexpected arguments: {" ".join(argv[1:])}. Every setting is a flag: --config FILE --workdir DIR '
+         '[--config.KEY=VALUE ...]')
+  quiet_orbax()
   try:
     config = FLAGS.config
     config.keys()  # a config file that failed to load raises here, not at parse time
+    for key in _none_overrides:
+      configuration.set_to_none(config, key)
   except ArregError as e:
-    _fail(str(e))
+    fail(str(e))
   except (AttributeError, KeyError, TypeError, ValueError, OSError, ImportError, SyntaxError) as e:
-    _config_failure(e)
+    config_failure(e)
   try:
     distributed.initialize(config.distributed)  # several hosts: before any computation (README, "Several hosts")
-    experiment.run(config, FLAGS.workdir)
+    run(config, FLAGS.workdir)
   except ArregError as e:
-    _fail(str(e))
+    fail(str(e))
 
 
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
+def parse_flags(argv):
+  """Parses flags; a bad config file, config argument or ``--config.x=...`` override is one clear error.
 
-
-def _parse_flags(argv):
-  """Parses flags; a bad config file, config argument or ``--config.x=...`` override is one clear error."""
+  ``--config.KEY=None`` overrides are taken out here and applied after the config has loaded
+  (``configuration.set_to_none``): absl's typed parsers cannot read 'None'.
+  """
+  kept = []
+  for arg in argv:
+    m = _NONE_OVERRIDE.match(arg)
+    if m:
+      _none_overrides.append(m.group(1))
+    else:
+      kept.append(arg)
   try:
-    return FLAGS(argv)
+    return FLAGS(kept)
   except flags.Error as e:
-    _fail(f'{_last_error_line(str(e))} (flag parsing). Run with --helpfull for the flags.')
+    fail(f'{last_error_line(str(e))} (flag parsing). Run with --helpfull for the flags.')
   except ArregError as e:
-    _fail(str(e))
-  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    _config_failure(e)
+    fail(str(e))
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, ImportError, SyntaxError) as e:
+    config_failure(e)
 
 
-def _last_error_line(text: str) -> str:
+def last_error_line(text: str) -> str:
   """The message of the innermost exception in ``text`` (config_flags embeds whole tracebacks in its errors)."""
   lines = [line.strip() for line in text.splitlines() if line.strip()]
   if not any(line.startswith('Traceback') for line in lines):
@@ -78,21 +105,29 @@ def _last_error_line(text: str) -> str:
   return line.split(': ', 1)[1] if ': ' in line else line
 
 
-def _config_failure(e: Exception) -> None:
-  detail = _last_error_line(str(e)).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
-  missing = re.search(r"No such file or directory: '([^']+)'", str(e))
+def config_failure(e: Exception) -> None:
+  """One line for a config file that does not load or a value it cannot take."""
+  text = str(e)
+  if isinstance(e, SyntaxError):
+    fail(f'the config file {e.filename} has a syntax error at line {e.lineno}: {e.msg}; fix the file')
+  locked = re.search(r'Key "([^"]+)" does not exist and cannot be added since the config is locked', text)
+  if locked:
+    fail(f'unknown config key {locked.group(1)!r}. Check the spelling; the valid keys and their defaults are in '
+         'arreg_jax/configuration.py (base_config)')
+  detail = last_error_line(text).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
+  missing = re.search(r"No such file or directory: '([^']+)'", text)
   if missing:
-    _fail(f'config file {missing.group(1)} does not exist; pass one such as --config configs/mnist.py')
-  if 'Failed loading config file' in str(e):
-    _fail(f'cannot load the config file given to --config: {detail}')
-  _fail(f'cannot apply the config: {detail}. Valid keys and their defaults are in arreg_jax/configuration.py '
-        '(base_config); the config file must define get_config(arg=None)')
+    fail(f'config file {missing.group(1)} does not exist; pass one such as --config configs/mnist.py')
+  if 'Failed loading config file' in text:
+    fail(f'cannot load the config file given to --config: {detail}')
+  fail(f'cannot apply the config: {detail}. Valid keys and their defaults are in arreg_jax/configuration.py '
+       '(base_config); the config file must define get_config(arg=None)')
 
 
-def run() -> None:
+def cli() -> None:
   """Console-script entry point."""
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
-  run()
+  cli()

@@ -47,16 +47,20 @@ class TrainState(flax.struct.PyTreeNode):
     return {'params': self.params, 'batch_stats': self.batch_stats} if self.batch_stats else {'params': self.params}
 
 
-def make_optimizer(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with momentum (or Adam) on a piecewise-constant schedule (SPEC §3).
-
-  The learning rate starts at ``learning_rate`` and is multiplied by ``lr_decay`` at each epoch in
-  ``lr_boundaries`` (CIFAR: 0.05, ÷10 at epochs 100 and 150). ``weight_decay`` adds λθ to the gradient before the
-  momentum, as PyTorch's SGD does.
-  """
-  schedule = optax.piecewise_constant_schedule(
+def lr_schedule(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:
+  """The learning rate of update ``count`` (0-based): ``learning_rate``, multiplied by ``lr_decay`` at each epoch in
+  ``lr_boundaries`` (SPEC §3; CIFAR: 0.05, ÷10 at epochs 100 and 150)."""
+  return optax.piecewise_constant_schedule(
       train_cfg.learning_rate,
       {int(b) * steps_per_epoch: float(train_cfg.lr_decay) for b in train_cfg.lr_boundaries})
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD with momentum (or Adam) on :func:`lr_schedule` (SPEC §3).
+
+  ``weight_decay`` adds λθ to the gradient before the momentum, as PyTorch's SGD does.
+  """
+  schedule = lr_schedule(train_cfg, steps_per_epoch)
   if train_cfg.optimizer == 'sgd':
     opt = optax.sgd(schedule, momentum=train_cfg.momentum or None, nesterov=bool(train_cfg.nesterov))
   else:
@@ -104,6 +108,35 @@ def _logits_fn(module: nn.Module, variables: dict, *, train: bool):
   return lambda x: module.apply(variables, x, train=train)
 
 
+def update_loss(module: nn.Module, params, batch_stats, x, y, lam: float, gamma: float, beta: float):
+  """The loss of the parameter update on batch ``(x, y)`` and ``(logits, new batch_stats, parts)``.
+
+  Mean cross-entropy, with batch statistics (updated running averages returned); with λ or β > 0 the poster-004
+  regularized loss ``mean CE − λ·mean clip_[0,γ](feature margin) + β Σ_l ‖W_l W_lᵀ − I‖²_F``
+  (:func:`arreg_jax.regularizers.regularized_loss`; ``parts`` holds its terms).
+  """
+  variables = {'params': params}
+  if batch_stats:
+    variables['batch_stats'] = batch_stats
+  features = None
+  if lam:  # the forward pass that also returns Φ(x) (poster 004)
+    mutable = ['batch_stats'] if batch_stats else []
+    logits, features, updates = models.apply_with_features(module, variables, x, train=True, mutable=mutable)
+    new_stats = updates.get('batch_stats', {})
+  elif batch_stats:
+    logits, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
+    new_stats = updates['batch_stats']
+  else:
+    logits, new_stats = module.apply(variables, x, train=True), {}
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  if not (lam or beta):
+    return jnp.mean(ce), (logits, new_stats, {})
+  last_w = regularizers.effective_head({'params': params, 'batch_stats': batch_stats})[0] if lam else None
+  loss, parts = regularizers.regularized_loss(ce, features, params, y, margin_lambda=lam, margin_gamma=gamma,
+                                              ortho_beta=beta, last_w=last_w)
+  return loss, (logits, new_stats, parts)
+
+
 def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config: ml_collections.ConfigDict,
                     strength: float, augment_kind: str, steps_per_epoch: int, batch_sharding, base_key: jax.Array):
   """Returns the pure ``train_step(state, images, labels, batch_index) -> (state, metrics)``.
@@ -132,29 +165,7 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
       fixed = _logits_fn(module, state.variables(), train=attack_train_mode)
       x = attack(fixed, x, y, k_att, attack_eps(config.attack, strength, state.step, ramp_steps))
 
-    def loss_fn(params):
-      variables = {'params': params}
-      features = None
-      if lam:  # the forward pass that also returns Φ(x) (poster 004)
-        mutable = ['batch_stats'] if state.batch_stats else []
-        if state.batch_stats:
-          variables['batch_stats'] = state.batch_stats
-        logits, features, updates = models.apply_with_features(module, variables, x, train=True, mutable=mutable)
-        new_stats = updates.get('batch_stats', {})
-      elif state.batch_stats:
-        variables['batch_stats'] = state.batch_stats
-        logits, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
-        new_stats = updates['batch_stats']
-      else:
-        logits, new_stats = module.apply(variables, x, train=True), {}
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-      if not (lam or beta):
-        return jnp.mean(ce), (logits, new_stats, {})
-      last_w = regularizers.effective_head({'params': params, 'batch_stats': state.batch_stats})[0] if lam else None
-      loss, parts = regularizers.regularized_loss(ce, features, params, y, margin_lambda=lam, margin_gamma=gamma,
-                                                  ortho_beta=beta, last_w=last_w)
-      return loss, (logits, new_stats, parts)
-
+    loss_fn = lambda params: update_loss(module, params, state.batch_stats, x, y, lam, gamma, beta)
     (loss, (logits, new_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     loss = parts.get('ce', loss)  # the cross-entropy part of the loss
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,6 +1,6 @@
 r"""Adversarial-training throughput of arreg_jax: ResNet-56, L∞ PGD-10, CIFAR-10-sized data, on the current device.
 
-Runs arreg_jax's real training program — ``train.make_multi_step`` as ``experiment.train_one`` builds it from
+Runs arreg_jax's real training program — ``train.make_multi_step`` as ``trainer.build_run`` builds it from
 ``configs/cifar10_resnet56.py`` (batch 256, SGD momentum, pad-4 crop + flip on the device, PGD-10 at AR 8: ε = 8/255,
 10 steps of 2/255, random start) — on a device-resident uint8 data set of 50,000 random 32×32×3 images, and reports
 images/s, seconds per 50k-image epoch (training steps only, no evaluation) and the achieved FLOP/s against the
@@ -44,7 +44,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from arreg_jax import attacks, configuration, experiment, models, sharding, train  # noqa: E402
+from arreg_jax import attacks, configuration, models, sharding, train  # noqa: E402
 import attack_throughput as common  # noqa: E402  (machine description, CPU-share meter, JSON writer)
 
 EPOCH_IMAGES = 50_000
@@ -161,7 +161,7 @@ def bench_precision(precision: str, args, images, labels, mesh) -> dict[str, Any
   strength = float(args.strength)
   batch = args.batch_size
   steps_per_epoch = EPOCH_IMAGES // batch
-  module = models.get_module('resnet56', num_classes=10, dtype=experiment.compute_dtype(config))
+  module = models.get_module('resnet56', num_classes=10, dtype=models.compute_dtype(config.precision))
   _, variables = models.create('resnet56', num_classes=10, key=jax.random.key(0))
   tx = train.make_optimizer(config.train, steps_per_epoch)
   state = jax.device_put(train.init_state(variables, tx), sharding.replicated(mesh))

@@ -12,4 +12,4 @@ from arreg_jax import configuration
 
 
 def get_config(arg=None):
-  return configuration.from_arg(configuration.draft003_cifar('cifar100', 'vgg19_sn'), arg)
+  return configuration.from_arg(configuration.spectral_norm_cifar('cifar100', 'vgg19_sn'), arg)

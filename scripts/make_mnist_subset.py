@@ -3,7 +3,7 @@
 The asset holds the FIRST ``--train`` training and FIRST ``--test`` test examples of the upstream IDX files, in
 their upstream order, as uint8 NHWC images (N, 28, 28, 1) and uint8 labels, in a compressed ``.npz``:
 
-  python scripts/make_mnist_subset.py --mnist_dir /work/shared/data/mnist \
+  python scripts/make_mnist_subset.py --mnist_dir DIR_WITH_MNIST_GZ_FILES \
       --out arreg_jax/data/assets/mnist_subset.npz --train 10000 --test 2000
 """
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arreg_jax import attacks, configuration, experiment, models, sharding, train
+from arreg_jax import attacks, configuration, models, sharding, train
 
 
 def test_bfloat16_training_learns_and_attacks_stay_in_ball(mnist_small):
@@ -13,7 +13,7 @@ def test_bfloat16_training_learns_and_attacks_stay_in_ball(mnist_small):
   cfg.precision = 'bfloat16'
   cfg.attack.strength_unit, cfg.attack.step_size, cfg.attack.step_size_rel = 1.0, None, 0.25
   ds = mnist_small
-  module = models.get_module('small_cnn', num_classes=10, dtype=experiment.compute_dtype(cfg))
+  module = models.get_module('small_cnn', num_classes=10, dtype=models.compute_dtype(cfg.precision))
   _, variables = models.create('small_cnn', num_classes=10, key=jax.random.key(0))
   steps = ds.num_train // 128
   tx = train.make_optimizer(cfg.train, steps)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from arreg_jax import configuration, experiment, models, regularizers, sharding, train
+from arreg_jax import configuration, models, regularizers, restore, sharding, train, trainer
 from arreg_jax.analysis import margin_tracking, smoothness
 from arreg_jax.data import get_dataset
 
@@ -262,12 +262,12 @@ def _track_config(workdir):
 
 def test_margin_tracking_matches_direct_computation_from_the_final_checkpoint(tmp_path):
   cfg = _track_config(tmp_path)
-  experiment.run(cfg, str(tmp_path))
+  trainer.train_sweep(cfg, str(tmp_path))
   run = tmp_path / 'ar0'
   rows = [json.loads(line) for line in open(run / 'metrics.jsonl')]
   assert sorted(os.listdir(run / 'margins')) == ['epoch1.npz', 'epoch2.npz']
   assert 'train_margin_term' in rows[-1] and 'ortho_penalty' in rows[-1]
-  config, module, variables, ds = experiment.load_run(str(run))
+  config, module, variables, ds, _ = restore.restore_run(str(run))
   for split in ('train', 'test'):
     images = jnp.asarray(getattr(ds, f'{split}_images'), jnp.float32) / 255.0
     labels = np.asarray(getattr(ds, f'{split}_labels'))
@@ -314,7 +314,7 @@ def test_margin_config_smoke_end_to_end(tmp_path):
 
 
 def test_draft003_table_layout():
-  from arreg_jax.report import draft003  # pylint: disable=g-import-not-at-top
+  from arreg_jax.report import spectral_norm_table as draft003  # pylint: disable=g-import-not-at-top
   assert draft003.paper_key('draft003_cifar10_vgg16', 'vgg19_sn') == 'draft003_cifar10_vgg19'
   assert draft003.paper_key('draft003_mnist_lenet', 'small_cnn_sn') == 'draft003_mnist_lenet'
   assert draft003.paper_key('cifar10_resnet56', 'resnet56') is None

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from arreg_jax.report import builder, claims, figures, paper, tables
+from arreg_jax.report import builder, claims, paper, plotting, tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,8 +138,8 @@ def test_metrics_table_with_paper_columns_and_escaping():
 
 
 def test_strength_colors_are_fixed_and_distinct():
-  a = figures.strength_colors([16, 4, 8])
-  b = figures.strength_colors([4, 8, 16])
+  a = plotting.strength_colors([16, 4, 8])
+  b = plotting.strength_colors([4, 8, 16])
   assert a == b and len(set(a.values())) == 3
 
 

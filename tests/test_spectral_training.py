@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from arreg_jax import configuration, experiment, spectral
+from arreg_jax import configuration, restore, spectral, trainer
 
 
 def _config(**spectral_kw):
@@ -14,8 +14,6 @@ def _config(**spectral_kw):
   c.eval.pgd_eps, c.eval.pgd_step_size = 0.1, 0.025
   c.train.epochs = 1
   c.sweep = (0.1,)
-  if 'analysis' in c:
-    c.analysis.enabled = False
   for k, v in spectral_kw.items():
     c.spectral[k] = v
   return c
@@ -23,8 +21,8 @@ def _config(**spectral_kw):
 
 def test_clipping_every_epoch_bounds_every_layer(tmp_path):
   c = _config(clip_to=1.0, rounds=10)
-  experiment.run(c, str(tmp_path))
-  config, module, variables, ds = experiment.load_run(str(tmp_path / 'ar0.1'))
+  trainer.train_sweep(c, str(tmp_path))
+  config, module, variables, ds, _ = restore.restore_run(str(tmp_path / 'ar0.1'))
   assert config.spectral.clip_to == 1.0
   layers = spectral.layer_singular_values(module, variables, (1, *ds.image_shape), train=False)
   assert [l.kind for l in layers] == ['conv', 'conv', 'dense', 'dense']
@@ -36,12 +34,12 @@ def test_clipping_every_epoch_bounds_every_layer(tmp_path):
 
 def test_two_dimensional_sweep_names_runs_by_both(tmp_path):
   c = _config(sweep=(2.0, None))
-  summary = experiment.run(c, str(tmp_path))
+  summary = trainer.train_sweep(c, str(tmp_path))
   assert sorted(d for d in os.listdir(tmp_path) if d.startswith('ar')) == ['ar0.1_sp2', 'ar0.1_spnone']
   assert [(r['strength'], r['clip_to']) for r in summary['rows']] == [(0.1, 2.0), (0.1, None)]
-  config, _, _, _ = experiment.load_run(str(tmp_path / 'ar0.1_sp2'))
+  config, _, _, _, _ = restore.restore_run(str(tmp_path / 'ar0.1_sp2'))
   assert config.spectral.clip_to == 2.0 and tuple(config.spectral.sweep) == ()
-  unclipped = experiment.load_run(str(tmp_path / 'ar0.1_spnone'))
+  unclipped = restore.restore_run(str(tmp_path / 'ar0.1_spnone'))
   layers = spectral.layer_singular_values(unclipped[1], unclipped[2], (1, 28, 28, 1), train=False)
   assert max(float(l.singular_values.max()) for l in layers) > 2.0  # the control run is not clipped
   assert np.isfinite(summary['rows'][0]['test_acc'])

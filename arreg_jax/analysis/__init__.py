@@ -9,5 +9,8 @@ Pure, jit-able, batched kernels, one module per idea:
 * :mod:`boundary` — instance-space margins and v_min (Definition 6) by bisection on an L2 PGD radius;
 * :mod:`bounds` — the terms of Theorem 3.1 (eq. 4–5);
 * :mod:`batching` — running a kernel over a split in padded batches sharded over the device mesh;
-* :mod:`restore`, :mod:`sweep`, :mod:`run_analysis` — restoring runs, finding sweep members, writing analysis.json.
+* :mod:`margin_tracking` — per-epoch minimum and average margins during training (poster 004).
+
+They import nothing above the models and attacks; running them over a sweep directory is
+:mod:`arreg_jax.sweep_analysis`.
 """

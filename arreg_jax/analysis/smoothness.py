@@ -18,7 +18,7 @@ Draft 003's variant (its Fig. 3, "maximal loss variation within a covering ball"
 correctly classified **training** examples, and only perturbed points "still classified correctly" count —
 ``max_correct_only=True`` takes the maximum over the iterates whose prediction is still ``y`` (the clean one is, for a
 correctly classified example, so the estimate stays ≥ 0). The caller selects the examples
-(``run_analysis``, ``config.analysis.loss_variation_split = 'train_correct'``).
+(``arreg_jax.sweep_analysis``, ``config.analysis.loss_variation_split = 'train_correct'``).
 """
 
 from __future__ import annotations

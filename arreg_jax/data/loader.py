@@ -118,9 +118,8 @@ def get_dataset(cfg: Any) -> Dataset:
   keep = tuple(int(k) for k in (_get(cfg, 'keep_classes') or ()))
   if keep:
     total = num_classes if num_classes is not None else SPECS[name].num_classes
-    if len(keep) < 2 or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= total:
-      raise ConfigError(f'data.keep_classes={keep} must list at least two distinct classes of {name} '
-                        f'(0..{total - 1}).')
+    if max(keep) >= total:  # the rest of the rule (distinct, >= 0, at least two) is configuration.validate's
+      raise ConfigError(f'data.keep_classes={keep} names a class that {name} does not have (0..{total - 1}).')
     train, test, num_classes = _keep(train, keep), _keep(test, keep), len(keep)
   train = _first(train, train_size, name, 'train_size', source)
   test = _first(test, test_size, name, 'test_size', source)

@@ -101,6 +101,12 @@ def create(name: str, *, num_classes: int, key: jax.Array, input_shape: tuple[in
   return apply_fn, variables
 
 
+def compute_dtype(precision: str):
+  """The models' computation dtype for ``config.precision``: bfloat16 activations and matmuls for ``'bfloat16'``;
+  parameters, optimizer state, logits, softmax and loss stay float32 (None: the parameters' dtype)."""
+  return jnp.bfloat16 if precision == 'bfloat16' else None
+
+
 FEATURES = ('intermediates', 'features')
 
 

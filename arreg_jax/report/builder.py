@@ -7,20 +7,19 @@ markdown (:mod:`tables`). Nothing is recomputed from checkpoints here: rerunning
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from arreg_jax import experiment
-from arreg_jax.analysis import run_analysis
+from arreg_jax import rundir
+from arreg_jax import sweep as sweep_lib
 from arreg_jax.analysis import singular_values
-from arreg_jax.analysis import sweep as sweep_lib
 from arreg_jax.report import claims as claims_lib
-from arreg_jax.report import draft003
 from arreg_jax.report import figures
-from arreg_jax.report import margin_report
+from arreg_jax.report import margin_evolution
+from arreg_jax.report import spectral_norm_table
 from arreg_jax.report import paper as paper_lib
+from arreg_jax.report import plotting
 from arreg_jax.report import tables
 
 FIGURES = {
@@ -34,17 +33,13 @@ FIGURES = {
 
 
 def _load_run(run: sweep_lib.RunInfo) -> dict | None:
-  path = os.path.join(run.path, 'analysis.json')
+  path = os.path.join(run.path, rundir.ANALYSIS)
   if not os.path.exists(path):
     return None
-  analysis = experiment.read_json(path)
-  npz = os.path.join(run.path, 'per_example.npz')
+  analysis = rundir.read_json(path)
+  npz = os.path.join(run.path, rundir.PER_EXAMPLE)
   arrays = dict(np.load(npz)) if os.path.exists(npz) else {}
-  epochs = []
-  mpath = os.path.join(run.path, 'metrics.jsonl')
-  if os.path.exists(mpath):
-    with open(mpath) as f:
-      epochs = [json.loads(line) for line in f if line.strip()]
+  epochs = rundir.read_jsonl(os.path.join(run.path, rundir.METRICS))
   return {'info': run, 'analysis': analysis, 'arrays': arrays, 'epochs': epochs,
           'record': claims_lib.record_from_analysis(analysis)}
 
@@ -69,13 +64,13 @@ def write_report(workdir: str, *, analysis_seconds: float | None = None) -> dict
   all_runs = sweep_lib.find_runs(workdir)
   loaded = [x for x in (_load_run(r) for r in all_runs if r.finished) if x is not None]
   missing = [r.name for r in all_runs if not r.finished]
-  not_analysed = [r.name for r in all_runs if r.finished and not os.path.exists(os.path.join(r.path, 'analysis.json'))]
+  not_analysed = [r.name for r in all_runs if r.finished and not os.path.exists(os.path.join(r.path, rundir.ANALYSIS))]
   if not loaded:
     raise FileNotFoundError(f'no analysed runs in {workdir}: run python -m arreg_jax.analyze --workdir {workdir}')
   # A sweep that also varies the average-margin regularizer (poster 004): the AR-strength analysis below uses the
   # unregularized members; the margin section at the end compares all of them.
-  loaded = [r for r in loaded if not margin_report.is_regularized(r['info'].path)] or loaded
-  fig_dir = os.path.join(workdir, 'figures')
+  loaded = [r for r in loaded if not r['info'].regularized] or loaded
+  fig_dir = os.path.join(workdir, rundir.FIGURES)
   os.makedirs(fig_dir, exist_ok=True)
 
   records = [r['record'] for r in loaded]
@@ -86,16 +81,16 @@ def write_report(workdir: str, *, analysis_seconds: float | None = None) -> dict
   exp = paper_lib.get(a0.get('paper'))
   unit = float(a0.get('strength_unit', 1.0))
   attack = a0.get('attack', 'pgd')
-  meta = figures.Meta(dataset=a0['dataset'], model=a0['model'], strength_unit=unit,
+  meta = plotting.Meta(dataset=a0['dataset'], model=a0['model'], strength_unit=unit,
                       title=f'{a0["dataset"]} · {a0["model"]} · '
                       + ('standard training' if attack == 'none' else f'{attack.upper()} adversarial training')
                       + (f' (paper: {exp.title})' if exp else ''))
-  colors = figures.strength_colors([r['record']['strength'] for r in group])
-  views = [figures.RunView(r['record']['strength'], r['record'], r['analysis'], r['arrays']) for r in group]
+  colors = plotting.strength_colors([r['record']['strength'] for r in group])
+  views = [plotting.RunView(r['record']['strength'], r['record'], r['analysis'], r['arrays']) for r in group]
 
   claim_list = claims_lib.evaluate(records)
-  claims_path = os.path.join(workdir, 'claims.json')
-  run_analysis.write_json(claims_path, {
+  claims_path = os.path.join(workdir, rundir.CLAIMS)
+  rundir.write_json(claims_path, safe=True, obj={
       'workdir': os.path.abspath(workdir), 'dataset': meta.dataset, 'model': meta.model, 'paper': a0.get('paper'),
       'rho_threshold': claims_lib.RHO, 'claims': claim_list})
 
@@ -120,14 +115,11 @@ def write_report(workdir: str, *, analysis_seconds: float | None = None) -> dict
 
   md = _markdown(workdir, group, records, claim_list, exp, meta, paths, missing, not_analysed, group_clip,
                  analysis_seconds, loaded)
-  md += '\n' + draft003.section([g['record'] for g in group], a0.get('paper'), a0.get('model'),
+  md += '\n' + spectral_norm_table.section([g['record'] for g in group], a0.get('paper'), a0.get('model'),
                                  a0['test'].get('eps'))
-  md += '\n' + margin_report.section(workdir, fig_dir, meta.title)
-  report_path = os.path.join(workdir, 'report.md')
-  tmp = report_path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(md)
-  os.replace(tmp, report_path)
+  md += '\n' + margin_evolution.section(workdir, fig_dir, meta.title)
+  report_path = os.path.join(workdir, rundir.REPORT)
+  rundir.write_text(report_path, md)
   return {'report': report_path, 'claims': claims_path, 'figures': paths, 'claim_list': claim_list}
 
 

@@ -1,179 +1,28 @@
 """The report's figures (PNG), analogues of the paper's Fig. 1, 3, 4, 5, 6 and 8.
 
-Every figure is drawn with Matplotlib's object API (``matplotlib.figure.Figure``; no pyplot, no global state, no
-display needed). Conventions shared by all figures:
-
-* **One color per AR strength, the same in every figure** (:func:`strength_colors`: a sequential palette ordered
-  by strength, dark = weak AR, light = strong AR), and legends labelled ``AR s``.
-* Curves over AR strength put the strength on a linear x-axis with a tick at every strength of the sweep and mark
-  each point with its strength's color; line styles distinguish the quantities (solid = test, dashed = train).
-* Distributions are drawn as step-line histograms (densities) over bin edges **shared by all strengths**, so the
-  curves are directly comparable; a dotted vertical line marks the decision boundary (margin 0).
-* Published numbers, when the sweep reproduces a paper experiment, are drawn in grey with ``×`` markers.
-
-Each ``fig_*`` function takes plain data (lists of :class:`RunView`, dicts) and a path, writes one PNG and returns
-the path.
+Each ``fig_*`` function takes plain data (lists of :class:`plotting.RunView`, dicts) and a path, writes one PNG
+(:func:`plotting.save`, atomic) and returns the path; the conventions are :mod:`plotting`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use('Agg', force=False)  # harmless if a backend is already chosen: Figure() below needs no pyplot
-from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-DPI = 150
-MARGIN_LABEL = r'margin $M = f_y(x) - \max_{i \neq y} f_i(x)$ (logits)'
-PROB_LABEL = r'true-class probability $p_y = \mathrm{softmax}(f(x))_y$'
-LOSS_LABEL = r'cross-entropy loss $-\log p_y$'
-PAPER_STYLE = dict(color='0.45', linestyle=':', marker='x', markersize=6, linewidth=1.3)
-_RC = {'font.size': 10, 'axes.titlesize': 11, 'axes.labelsize': 10, 'legend.fontsize': 9, 'xtick.labelsize': 9,
-       'ytick.labelsize': 9, 'axes.grid': True, 'grid.alpha': 0.3, 'axes.spines.top': False,
-       'axes.spines.right': False}
+from arreg_jax.report.plotting import (LOSS_LABEL, MARGIN_LABEL, PAPER_STYLE, PROB_LABEL,  # pylint: disable=g-import-not-at-top
+                                       Meta, RunView, ar_label, common_edges, curve, density_steps, hist_bins,
+                                       new_figure, save, strength_ticks, style_axis, styled)
 
 
-@dataclasses.dataclass
-class RunView:
-  """What the figures need of one run.
-
-  Attributes:
-    strength: AR strength s.
-    record: the flat record of :func:`arreg_jax.report.claims.record_from_analysis`.
-    analysis: the run's ``analysis.json``.
-    arrays: the run's ``per_example.npz`` (``train_margin``, ``test_prob``, ``loss_increase_0``, …).
-  """
-  strength: float
-  record: dict
-  analysis: dict
-  arrays: Mapping[str, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class Meta:
-  """Sweep-wide labels: dataset, model, the strength unit (1/255 or 1) and the report title."""
-  dataset: str
-  model: str
-  strength_unit: float
-  title: str = ''
-
-  @property
-  def per_255(self) -> bool:
-    return abs(self.strength_unit * 255 - 1) < 1e-6
-
-  @property
-  def strength_axis(self) -> str:
-    if self.per_255:
-      return 'AR strength s (training L∞ ε = s/255)'
-    if self.strength_unit == 1:
-      return 'AR strength s (training L∞ ε = s, pixels in [0, 1])'
-    return f'AR strength s (training L∞ ε = {self.strength_unit:g}·s)'
-
-  def eps_axis(self, what: str = 'attack') -> str:
-    return f'{what} L∞ ε (×1/255)' if self.per_255 else f'{what} L∞ ε (pixels in [0, 1])'
-
-  def eps_value(self, eps: float) -> float:
-    return eps * 255 if self.per_255 else eps
-
-
-def strength_colors(strengths: Sequence[float]) -> dict[float, tuple]:
-  """A fixed color per AR strength: viridis from dark (weakest) to yellow-green (strongest), never pale yellow."""
-  cmap = matplotlib.colormaps['viridis']
-  ss = sorted(set(float(s) for s in strengths))
-  if len(ss) == 1:
-    return {ss[0]: cmap(0.25)}
-  return {s: cmap(0.05 + 0.8 * i / (len(ss) - 1)) for i, s in enumerate(ss)}
-
-
-def ar_label(s: float) -> str:
-  return f'AR {s:g}'
-
-
-def _styled(fn):
-  """Runs a figure function inside the shared rc style (fonts, grid, spines), without touching global state."""
-
-  @functools.wraps(fn)
-  def wrapper(*args, **kwargs):
-    with matplotlib.rc_context(_RC):
-      return fn(*args, **kwargs)
-
-  return wrapper
-
-
-def _figure(w: float, h: float, nrows: int = 1, ncols: int = 1, **kw):
-  fig = Figure(figsize=(w, h), dpi=DPI, layout='constrained')
-  return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
-
-
-def _save(fig, path: str) -> str:
-  fig.savefig(path, dpi=DPI)
-  return path
-
-
-def _style(ax):
-  """Applies the shared rc style to an axis created inside a context (grid, spines)."""
-  ax.grid(True, alpha=0.3)
-  ax.spines['top'].set_visible(False)
-  ax.spines['right'].set_visible(False)
-
-
-def _strength_ticks(ax, strengths):
-  ax.set_xticks(list(strengths))
-  ax.set_xticklabels([f'{s:g}' for s in strengths])
-
-
-def _curve(ax, xs, ys, colors, *, linestyle='-', label=None, marker='o', annotate=None, below=False):
-  ax.plot(xs, ys, color='0.25', linestyle=linestyle, linewidth=1.4, label=label, zorder=2)
-  for x, y in zip(xs, ys):
-    ax.plot([x], [y], marker=marker, color=colors[x], markersize=7, markeredgecolor='0.15', zorder=3,
-            linestyle='none')
-    if annotate:
-      lo, hi = ax.get_ylim()
-      under = below and (y - lo) > 0.12 * (hi - lo)  # no room under a point near the bottom: label it above
-      ax.annotate(annotate.format(y), (x, y), textcoords='offset points', xytext=(0, -14 if under else 7),
-                  ha='center', fontsize=8, color='0.2')
-
-
-def common_edges(arrays: Sequence[np.ndarray], bins: int, *, lo_q=0.001, hi_q=0.999, include_zero=True,
-                 lo=None, hi=None) -> np.ndarray:
-  """Bin edges shared by several samples: from the pooled ``lo_q``…``hi_q`` quantiles (values outside are left
-  out of the plotted densities), widened to include 0 if asked; ``lo``/``hi`` fix an end."""
-  pooled = np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
-  pooled = pooled[np.isfinite(pooled)]
-  a = float(np.quantile(pooled, lo_q)) if lo is None else lo
-  b = float(np.quantile(pooled, hi_q)) if hi is None else hi
-  if include_zero:
-    a, b = min(a, 0.0), max(b, 0.0)
-  if b <= a:
-    b = a + 1.0
-  return np.linspace(a, b, bins + 1)
-
-
-def hist_bins(n: int) -> int:
-  """Histogram bins for n samples: 2.5·n^(1/3), between 30 and 80 (≈ 31 for 2 000, 54 for 10 000 examples)."""
-  return int(np.clip(round(2.5 * n ** (1 / 3)), 30, 80))
-
-
-def _density_steps(ax, runs, key, edges, colors, *, density=True, label=True):
-  for r in runs:
-    v = np.asarray(r.arrays[key], np.float64)
-    h, _ = np.histogram(v, bins=edges)
-    if density:
-      h = h / max(v.size, 1) / np.diff(edges)
-    else:
-      h = h / max(v.size, 1)
-    ax.stairs(h, edges, color=colors[r.strength], linewidth=1.6, label=ar_label(r.strength) if label else None)
-
-
-@_styled
+@styled
 def fig_overview(runs: Sequence[RunView], colors, meta: Meta, path: str) -> str:
   """Fig. 1 analogue: (a) per-layer SV STD, (b) test-margin distribution, (c) clean and PGD accuracy vs AR."""
-  fig, axes = _figure(13.5, 3.9, 1, 3)
+  fig, axes = new_figure(13.5, 3.9, 1, 3)
   ax = axes[0, 0]
   for r in runs:
     std = r.record.get('sv_std')
@@ -188,40 +37,40 @@ def fig_overview(runs: Sequence[RunView], colors, meta: Meta, path: str) -> str:
   ax.set_ylabel('STD of the layer\'s singular values')
   ax.set_title('(a) Singular-value STD per layer')
   ax.legend(frameon=False)
-  _style(ax)
+  style_axis(ax)
 
   ax = axes[0, 1]
   edges = common_edges([r.arrays['test_margin'] for r in runs], hist_bins(len(runs[0].arrays['test_margin'])))
-  _density_steps(ax, runs, 'test_margin', edges, colors)
+  density_steps(ax, runs, 'test_margin', edges, colors)
   ax.axvline(0, color='0.2', linestyle=':', linewidth=1)
   ax.set_xlabel(MARGIN_LABEL)
   ax.set_ylabel('density (per logit unit)')
   ax.set_title('(b) Margin distribution, test set')
   ax.legend(frameon=False)
-  _style(ax)
+  style_axis(ax)
 
   ax = axes[0, 2]
   ss = [r.strength for r in runs]
   ax.set_ylim(0, 108)
-  _curve(ax, ss, [r.record['test_acc'] for r in runs], colors, label='clean test accuracy', annotate='{:.1f}')
-  _curve(ax, ss, [r.record['pgd_acc'] for r in runs], colors, linestyle='--', marker='s',
+  curve(ax, ss, [r.record['test_acc'] for r in runs], colors, label='clean test accuracy', annotate='{:.1f}')
+  curve(ax, ss, [r.record['pgd_acc'] for r in runs], colors, linestyle='--', marker='s',
          label='PGD accuracy (of clean-correct)', annotate='{:.1f}', below=True)
   ax.set_ylim(0, 108)
-  _strength_ticks(ax, ss)
+  strength_ticks(ax, ss)
   ax.set_xlabel(meta.strength_axis)
   ax.set_ylabel('accuracy (%)')
   ax.set_title('(c) Clean and adversarial accuracy')
   ax.legend(frameon=False, loc='best')
-  _style(ax)
+  style_axis(ax)
   fig.suptitle(meta.title, fontsize=11)
-  return _save(fig, path)
+  return save(fig, path)
 
 
-@_styled
+@styled
 def fig_loss_error(runs: Sequence[RunView], colors, meta: Meta, path: str,
                    paper_rows: Mapping[float, Mapping[str, float]] | None = None) -> str:
   """Fig. 3 analogue: train/test loss and error vs AR (top), their gaps vs AR (bottom)."""
-  fig, axes = _figure(10.5, 7.0, 2, 2)
+  fig, axes = new_figure(10.5, 7.0, 2, 2)
   ss = [r.strength for r in runs]
   rec = lambda k: [r.record[k] for r in runs]
   panels = [
@@ -238,21 +87,21 @@ def fig_loss_error(runs: Sequence[RunView], colors, meta: Meta, path: str,
   ]
   for ax, curves, ylabel, title in panels:
     for label, ys, ls, key in curves:
-      _curve(ax, ss, ys, colors, linestyle=ls, label=label)
+      curve(ax, ss, ys, colors, linestyle=ls, label=label)
       if paper_rows:
         px = sorted(s for s in paper_rows if _paper_value(paper_rows[s], key) is not None)
         if px:
           style = {**PAPER_STYLE, 'marker': '+' if ls == '--' else 'x'}  # + for training, × for test curves
           ax.plot(px, [_paper_value(paper_rows[s], key) for s in px], **style,
                   label=f'paper: {label}' if len(curves) > 1 else 'paper')
-    _strength_ticks(ax, sorted(set(ss) | set(paper_rows or {})))
+    strength_ticks(ax, sorted(set(ss) | set(paper_rows or {})))
     ax.set_xlabel(meta.strength_axis)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(frameon=False, loc='best')
-    _style(ax)
+    style_axis(ax)
   fig.suptitle(meta.title, fontsize=11)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def _paper_value(row: Mapping[str, float], key: str) -> float | None:
@@ -263,23 +112,23 @@ def _paper_value(row: Mapping[str, float], key: str) -> float | None:
   return row.get(key)
 
 
-@_styled
+@styled
 def fig_margins(runs: Sequence[RunView], colors, meta: Meta, path: str) -> str:
   """Fig. 4 analogue: margin distributions on the training set (left) and the test set (right), per AR."""
-  fig, axes = _figure(11.0, 4.0, 1, 2, sharex=True)
+  fig, axes = new_figure(11.0, 4.0, 1, 2, sharex=True)
   pooled = [r.arrays[f'{s}_margin'] for r in runs for s in ('train', 'test')]
   for ax, split, name in ((axes[0, 0], 'train', 'training'), (axes[0, 1], 'test', 'test')):
     edges = common_edges(pooled, hist_bins(len(runs[0].arrays[f'{split}_margin'])))
-    _density_steps(ax, runs, f'{split}_margin', edges, colors)
+    density_steps(ax, runs, f'{split}_margin', edges, colors)
     ax.axvline(0, color='0.2', linestyle=':', linewidth=1, label='decision boundary')
     n = len(runs[0].arrays[f'{split}_margin'])
     ax.set_title(f'Margin distribution, {name} set (n = {n})')
     ax.set_xlabel(MARGIN_LABEL)
     ax.set_ylabel('density (per logit unit)')
     ax.legend(frameon=False)
-    _style(ax)
+    style_axis(ax)
   fig.suptitle(meta.title, fontsize=11)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def _hist_with_inset(ax, runs, key, edges, colors, inset_range, xlabel, title, inset_label, inset_box):
@@ -291,7 +140,7 @@ def _hist_with_inset(ax, runs, key, edges, colors, inset_range, xlabel, title, i
   ax.set_ylabel('% of test examples per bin')
   ax.set_title(title)
   ax.set_ylim(0, None)
-  _style(ax)
+  style_axis(ax)
   ins = ax.inset_axes(inset_box)
   lo, hi = inset_range
   in_edges = np.linspace(lo, hi, 25)
@@ -310,11 +159,11 @@ def _hist_with_inset(ax, runs, key, edges, colors, inset_range, xlabel, title, i
   ax.indicate_inset_zoom(ins, edgecolor='0.5')
 
 
-@_styled
+@styled
 def fig_prob_loss_sv(runs: Sequence[RunView], colors, meta: Meta, path: str, mid=(0.1, 0.9)) -> str:
   """Fig. 5 analogue: (a) true-class probability and (b) loss histograms on the test set, each with an inset on
   the middle range; (c) per-layer SV STD of the weakest and the strongest AR (the paper drops the middle one)."""
-  fig, axes = _figure(14.5, 4.6, 1, 3)
+  fig, axes = new_figure(14.5, 4.6, 1, 3)
   _hist_with_inset(axes[0, 0], runs, 'test_prob', np.linspace(0, 1, 41), colors, mid, PROB_LABEL,
                    '(a) Probability histogram, test set', f'zoom: $p_y \\in [{mid[0]:g}, {mid[1]:g}]$',
                    [0.08, 0.3, 0.62, 0.62])
@@ -337,15 +186,15 @@ def fig_prob_loss_sv(runs: Sequence[RunView], colors, meta: Meta, path: str, mid
   ax.set_ylabel('STD of the layer\'s singular values')
   ax.set_title('(c) SV STD per layer, weakest vs strongest AR')
   ax.legend(frameon=False)
-  _style(ax)
+  style_axis(ax)
   handles = [Line2D([], [], color=colors[r.strength], linewidth=2) for r in runs]
   fig.legend(handles, [ar_label(r.strength) for r in runs], loc='outside lower center', ncols=len(runs),
              frameon=False)
   fig.suptitle(meta.title, fontsize=11)
-  return _save(fig, path)
+  return save(fig, path)
 
 
-@_styled
+@styled
 def fig_loss_variation(runs: Sequence[RunView], colors, meta: Meta, path: str,
                        paper_lv: Mapping[float, Sequence[tuple[float, float]]] | None = None,
                        paper_eps_255: Sequence[float] = ()) -> str:
@@ -353,7 +202,7 @@ def fig_loss_variation(runs: Sequence[RunView], colors, meta: Meta, path: str,
   with a whisker up to mean + 1 std (the paper's error bars are ±1 std; the lower half is dropped because the
   increase is ≥ 0 and the axis is logarithmic, so that every strength stays readable)."""
   have_paper = bool(paper_lv)
-  fig, axes = _figure(11.5 if have_paper else 6.8, 4.4, 1, 2 if have_paper else 1, sharey=have_paper)
+  fig, axes = new_figure(11.5 if have_paper else 6.8, 4.4, 1, 2 if have_paper else 1, sharey=have_paper)
   eps = [row['eps'] for row in runs[0].record['loss_variation']]
   x = np.arange(len(eps))
   offset = 0.6 / max(len(runs), 1)
@@ -369,7 +218,7 @@ def fig_loss_variation(runs: Sequence[RunView], colors, meta: Meta, path: str,
     ax.set_ylabel(r'max loss increase in the ball, $\ell(x^\prime) - \ell(x)$')
     ax.set_title(title)
     ax.legend(frameon=False, loc='lower right', fontsize=8)
-    _style(ax)
+    style_axis(ax)
     ax.grid(True, which='both', axis='y', alpha=0.2)
 
   series = [(r.strength, [row['mean'] for row in r.record['loss_variation']],
@@ -390,14 +239,14 @@ def fig_loss_variation(runs: Sequence[RunView], colors, meta: Meta, path: str,
     ax.set_xticklabels([f'{e:g}' for e in paper_eps_255])
     ax.set_xlabel('attack L∞ ε (×1/255)')
   fig.suptitle(meta.title, fontsize=11)
-  return _save(fig, path)
+  return save(fig, path)
 
 
-@_styled
+@styled
 def fig_clip_grid(records: Sequence[dict], meta: Meta, path: str,
                   paper_clip: Mapping[Any, Mapping[float, Mapping[str, float]]] | None = None) -> str:
   """Fig. 6 analogue: loss gap and error gap vs AR, one line per spectral-clipping threshold c (Table 6 grid)."""
-  fig, axes = _figure(11.0, 4.2, 1, 2)
+  fig, axes = new_figure(11.0, 4.2, 1, 2)
   clips = sorted({r['clip'] for r in records}, key=lambda c: (c is None, c or 0))
   cmap = matplotlib.colormaps['plasma']
   ccolors = {c: cmap(0.1 + 0.7 * i / max(len(clips) - 1, 1)) for i, c in enumerate(clips)}
@@ -413,7 +262,7 @@ def fig_clip_grid(records: Sequence[dict], meta: Meta, path: str,
         p = paper_clip[c]
         ax.plot(sorted(p), [p[s][key] for s in sorted(p)], color=ccolors[c], linestyle=':', marker='x',
                 linewidth=1.2)
-    _strength_ticks(ax, sorted({r['strength'] for r in records}))
+    strength_ticks(ax, sorted({r['strength'] for r in records}))
     ax.set_xlabel(meta.strength_axis)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -422,6 +271,6 @@ def fig_clip_grid(records: Sequence[dict], meta: Meta, path: str,
       handles.append(Line2D([], [], color='0.3', linestyle=':', marker='x'))
       labels.append('paper (Table 6), same color')
     ax.legend(handles, labels, frameon=False)
-    _style(ax)
+    style_axis(ax)
   fig.suptitle(meta.title, fontsize=11)
-  return _save(fig, path)
+  return save(fig, path)

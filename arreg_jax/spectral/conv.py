@@ -56,10 +56,10 @@ from jax import lax
 PyTree = Any
 IntPair = tuple[int, int]
 
-_HIGHEST = lax.Precision.HIGHEST
+HIGHEST = lax.Precision.HIGHEST
 
 
-def _pair(value: int | Sequence[int] | None, name: str) -> IntPair:
+def pair(value: int | Sequence[int] | None, name: str) -> IntPair:
   """Normalizes an int / length-2 sequence / None (= 1) to a pair of positive ints."""
   if value is None:
     return (1, 1)
@@ -80,7 +80,7 @@ def _pair(value: int | Sequence[int] | None, name: str) -> IntPair:
 
 
 @dataclasses.dataclass(frozen=True)
-class _ConvPlan:
+class ConvPlan:
   """Everything about one (kernel shape, operator input size, stride) that does not depend on the kernel values."""
   kernel_shape: tuple[int, int, int, int]
   hw: IntPair                 # operator input size (a multiple of the stride)
@@ -115,7 +115,7 @@ class _ConvPlan:
 
 
 @functools.lru_cache(maxsize=None)
-def _make_plan(kernel_shape: tuple[int, ...], hw: IntPair, stride: IntPair) -> _ConvPlan:
+def make_plan(kernel_shape: tuple[int, ...], hw: IntPair, stride: IntPair) -> ConvPlan:
   if len(kernel_shape) != 4:
     raise ValueError(f'a conv kernel must be HWIO (kh, kw, cin, cout), got shape {kernel_shape}')
   if hw[0] % stride[0] or hw[1] % stride[1]:
@@ -125,7 +125,7 @@ def _make_plan(kernel_shape: tuple[int, ...], hw: IntPair, stride: IntPair) -> _
   kh, kw = kernel_shape[:2]
   pointwise = -(-kh // stride[0]) == 1 and -(-kw // stride[1]) == 1
   freq_hw = (hw[0] // stride[0], hw[1] // stride[1])
-  return _ConvPlan(tuple(int(d) for d in kernel_shape), hw, stride, freq_hw, pointwise)  # type: ignore[arg-type]
+  return ConvPlan(tuple(int(d) for d in kernel_shape), hw, stride, freq_hw, pointwise)  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,15 +164,15 @@ def _expand_index(n: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _freq_matrices(kernel: jax.Array, plan: _ConvPlan) -> jax.Array:
+def _freq_matrices(kernel: jax.Array, plan: ConvPlan) -> jax.Array:
   """``F[u, v]`` for u ∈ [0, H/s), v ∈ [0, (W/s)//2]: shape ``(H/s, W/s//2 + 1, s_h·s_w·cin, cout)``, complex64."""
   kh, kw, cin, cout = plan.kernel_shape
   g_h, _ = _axis_dft(kh, plan.freq_hw[0], plan.stride[0])
   g_w, _ = _axis_dft(kw, plan.freq_hw[1], plan.stride[1])
   g_w = g_w[:plan.half_w]
   k = kernel.astype(jnp.complex64)
-  f = jnp.einsum('ura,abco->urbco', jnp.asarray(g_h, jnp.complex64), k, precision=_HIGHEST)
-  f = jnp.einsum('vqb,urbco->uvrqco', jnp.asarray(g_w, jnp.complex64), f, precision=_HIGHEST)
+  f = jnp.einsum('ura,abco->urbco', jnp.asarray(g_h, jnp.complex64), k, precision=HIGHEST)
+  f = jnp.einsum('vqb,urbco->uvrqco', jnp.asarray(g_w, jnp.complex64), f, precision=HIGHEST)
   return f.reshape(plan.freq_hw[0], plan.half_w, plan.rows, cout)
 
 
@@ -181,7 +181,7 @@ def _pointwise_matrix(kernel: jax.Array) -> jax.Array:
   return kernel.reshape(kh * kw * cin, cout)
 
 
-def _conv_svs_single(kernel: jax.Array, plan: _ConvPlan) -> jax.Array:
+def conv_svs_single(kernel: jax.Array, plan: ConvPlan) -> jax.Array:
   """All ``plan.count`` singular values of the circular operator, sorted descending (traceable)."""
   if plan.pointwise:
     s = jnp.linalg.svd(_pointwise_matrix(kernel).astype(jnp.float32), compute_uv=False)
@@ -200,14 +200,14 @@ def _shrink(mat: jax.Array, max_sv: jax.Array) -> jax.Array:
   """
   u, s, vh = jnp.linalg.svd(mat, full_matrices=False)
   excess = jnp.maximum(s - max_sv, 0).astype(u.dtype)
-  return -jnp.einsum('...ik,...k,...kj->...ij', u, excess, vh, precision=_HIGHEST)
+  return -jnp.einsum('...ik,...k,...kj->...ij', u, excess, vh, precision=HIGHEST)
 
 
-def _dense_clip_single(w: jax.Array, max_sv: jax.Array) -> jax.Array:
+def dense_clip_single(w: jax.Array, max_sv: jax.Array) -> jax.Array:
   return (w + _shrink(w.astype(jnp.float32), max_sv)).astype(w.dtype)
 
 
-def _conv_clip_single(kernel: jax.Array, max_sv: jax.Array, plan: _ConvPlan, rounds: int) -> jax.Array:
+def conv_clip_single(kernel: jax.Array, max_sv: jax.Array, plan: ConvPlan, rounds: int) -> jax.Array:
   """``rounds`` rounds of: per-frequency SVD, clip at ``max_sv``, project back onto the kernel's support."""
   kh, kw, cin, cout = plan.kernel_shape
   sh, sw = plan.stride
@@ -229,8 +229,8 @@ def _conv_clip_single(kernel: jax.Array, max_sv: jax.Array, plan: _ConvPlan, rou
   def one_round(_, k):
     delta = _shrink(_freq_matrices(k, plan), max_sv)
     delta = delta.reshape(plan.freq_hw[0], plan.half_w, sh, sw, cin, cout)
-    dk = jnp.einsum('aur,uvrqco->avqco', p_h, delta, precision=_HIGHEST)
-    dk = jnp.einsum('bvq,avqco->abco', p_w, dk, precision=_HIGHEST)
+    dk = jnp.einsum('aur,uvrqco->avqco', p_h, delta, precision=HIGHEST)
+    dk = jnp.einsum('bvq,avqco->abco', p_w, dk, precision=HIGHEST)
     return k + dk.real
 
   return lax.fori_loop(0, rounds, one_round, kernel.astype(jnp.float32)).astype(dtype)
@@ -243,7 +243,7 @@ def _conv_clip_single(kernel: jax.Array, max_sv: jax.Array, plan: _ConvPlan, rou
 
 @functools.partial(jax.jit, static_argnames=('input_hw', 'stride'))
 def _conv_singular_values_jit(kernel, input_hw, stride):
-  return _conv_svs_single(kernel, _make_plan(kernel.shape, input_hw, stride))
+  return conv_svs_single(kernel, make_plan(kernel.shape, input_hw, stride))
 
 
 def conv_singular_values(kernel: jax.Array, input_hw: int | Sequence[int], *,
@@ -263,7 +263,7 @@ def conv_singular_values(kernel: jax.Array, input_hw: int | Sequence[int], *,
     repeated at every frequency, so plain statistics of the array are statistics of the operator.
   """
   chex.assert_rank(kernel, 4)
-  return _conv_singular_values_jit(jnp.asarray(kernel), _pair(input_hw, 'input_hw'), _pair(stride, 'stride'))
+  return _conv_singular_values_jit(jnp.asarray(kernel), pair(input_hw, 'input_hw'), pair(stride, 'stride'))
 
 
 @jax.jit
@@ -275,7 +275,7 @@ def dense_singular_values(w: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=('input_hw', 'stride', 'rounds'))
 def _clip_conv_kernel_jit(kernel, max_sv, input_hw, stride, rounds):
-  return _conv_clip_single(kernel, max_sv, _make_plan(kernel.shape, input_hw, stride), rounds)
+  return conv_clip_single(kernel, max_sv, make_plan(kernel.shape, input_hw, stride), rounds)
 
 
 def clip_conv_kernel(kernel: jax.Array, input_hw: int | Sequence[int], max_sv: float | jax.Array, *,
@@ -309,12 +309,12 @@ def clip_conv_kernel(kernel: jax.Array, input_hw: int | Sequence[int], max_sv: f
   chex.assert_rank(kernel, 4)
   if rounds < 0:
     raise ValueError(f'rounds must be >= 0, got {rounds}')
-  return _clip_conv_kernel_jit(jnp.asarray(kernel), jnp.asarray(max_sv, jnp.float32), _pair(input_hw, 'input_hw'),
-                               _pair(stride, 'stride'), int(rounds))
+  return _clip_conv_kernel_jit(jnp.asarray(kernel), jnp.asarray(max_sv, jnp.float32), pair(input_hw, 'input_hw'),
+                               pair(stride, 'stride'), int(rounds))
 
 
 @jax.jit
 def clip_dense_kernel(w: jax.Array, max_sv: float | jax.Array) -> jax.Array:
   """Clips the singular values of a dense ``(in, out)`` kernel at ``max_sv`` (exact in one step)."""
   chex.assert_rank(w, 2)
-  return _dense_clip_single(w, jnp.asarray(max_sv, jnp.float32))
+  return dense_clip_single(w, jnp.asarray(max_sv, jnp.float32))

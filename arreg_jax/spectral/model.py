@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from arreg_jax.spectral.conv import (_ConvPlan, _conv_clip_single, _conv_svs_single, _dense_clip_single,
-                                     _make_plan, _pair)
+from arreg_jax.spectral.conv import (ConvPlan, conv_clip_single, conv_svs_single, dense_clip_single,
+                                     make_plan, pair)
 
 PyTree = Any
 IntPair = tuple[int, int]
@@ -80,8 +80,8 @@ class LayerSpec:
       return None
     return tuple(-(-n // s) * s for n, s in zip(self.input_hw, self.stride))  # type: ignore[return-value]
 
-  def plan(self) -> _ConvPlan:
-    return _make_plan(self.kernel_shape, self.operator_hw, self.stride)
+  def plan(self) -> ConvPlan:
+    return make_plan(self.kernel_shape, self.operator_hw, self.stride)
 
   @property
   def num_singular_values(self) -> int:
@@ -118,7 +118,7 @@ def _is_conv_module(module: nn.Module) -> bool:
 
 def _check_plain_conv(module: nn.Module) -> None:
   for attr in ('kernel_dilation', 'input_dilation'):
-    if _pair(getattr(module, attr, None), attr) != (1, 1):
+    if pair(getattr(module, attr, None), attr) != (1, 1):
       raise NotImplementedError(f'{type(module).__name__} at {module.path}: {attr} != 1 is not supported')
   if getattr(module, 'feature_group_count', 1) != 1:
     raise NotImplementedError(f'{type(module).__name__} at {module.path}: grouped convolutions are not supported')
@@ -187,7 +187,7 @@ def layer_specs(model: nn.Module | Callable[..., Any], variables: Mapping[str, A
       raise ValueError(f'{type(module).__name__} at {"/".join(path)} has no params[...]["kernel"]') from e
     if kind == 'conv':
       x_shape = args[0].shape
-      spec = LayerSpec(path, 'conv', tuple(kernel.shape), _pair(module.strides, 'strides'),
+      spec = LayerSpec(path, 'conv', tuple(kernel.shape), pair(module.strides, 'strides'),
                        (int(x_shape[-3]), int(x_shape[-2])))
     else:
       spec = LayerSpec(path, 'dense', tuple(kernel.shape))
@@ -255,7 +255,7 @@ def _compiled_svs(specs: tuple[LayerSpec, ...]) -> Callable[[PyTree], tuple[jax.
         svs = jax.vmap(lambda w: jnp.linalg.svd(w.astype(jnp.float32), compute_uv=False))(stacked)
       else:
         plan = specs[idx[0]].plan()
-        svs = _batched(lambda k, plan=plan: _conv_svs_single(k, plan), stacked, plan.freq_bytes())
+        svs = _batched(lambda k, plan=plan: conv_svs_single(k, plan), stacked, plan.freq_bytes())
       for j, i in enumerate(idx):
         out[i] = svs[j]
     return tuple(out)
@@ -324,10 +324,10 @@ def _compiled_clip(specs: tuple[LayerSpec, ...], rounds: int) -> Callable[[PyTre
         leaf_ids.append(leaf_id)
       stacked = _after(jnp.stack([leaves[j] for j in leaf_ids]), clipped)  # one group at a time (see _after)
       if key[0] == 'dense':
-        clipped = jax.vmap(lambda w: _dense_clip_single(w, max_sv))(stacked)
+        clipped = jax.vmap(lambda w: dense_clip_single(w, max_sv))(stacked)
       else:
         plan = specs[idx[0]].plan()
-        clipped = _batched(lambda k, plan=plan: _conv_clip_single(k, max_sv, plan, rounds), stacked,
+        clipped = _batched(lambda k, plan=plan: conv_clip_single(k, max_sv, plan, rounds), stacked,
                            plan.freq_bytes())
       for j, leaf_id in enumerate(leaf_ids):
         leaves[leaf_id] = clipped[j]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from arreg_jax.spectral.conv import _HIGHEST, _pair
+from arreg_jax.spectral.conv import HIGHEST, pair
 from arreg_jax.spectral.model import LayerSingularValues
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -19,7 +19,7 @@ from arreg_jax.spectral.model import LayerSingularValues
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x / (jnp.linalg.norm(x) + eps)
 
 
@@ -42,11 +42,11 @@ def power_iteration(w_matrix: jax.Array, u: jax.Array, n_iter: int = 1) -> tuple
   w_const = lax.stop_gradient(w_matrix)
 
   def body(_, u):
-    v = _l2_normalize(w_const.T @ u)
-    return _l2_normalize(w_const @ v)
+    v = l2_normalize(w_const.T @ u)
+    return l2_normalize(w_const @ v)
 
-  u = lax.stop_gradient(lax.fori_loop(0, n_iter, body, _l2_normalize(u)))
-  v = lax.stop_gradient(_l2_normalize(w_const.T @ u))
+  u = lax.stop_gradient(lax.fori_loop(0, n_iter, body, l2_normalize(u)))
+  v = lax.stop_gradient(l2_normalize(w_const.T @ u))
   sigma = u @ (w_matrix @ v)
   return sigma, u
 
@@ -92,7 +92,7 @@ def spectral_normalize(kernel: jax.Array, u: jax.Array, *, n_iter: int = 1, targ
 def circular_conv(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] = 1) -> jax.Array:
   """Wrap-around-padded convolution of NHWC ``x`` (same cross-correlation as Flax), output ``ceil(n/s)`` pixels."""
   chex.assert_rank([x, kernel], [4, 4])
-  s = _pair(stride, 'stride')
+  s = pair(stride, 'stride')
   pads = [(0, 0)]
   for i in range(2):
     n, k = x.shape[1 + i], kernel.shape[i]
@@ -103,7 +103,7 @@ def circular_conv(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] =
   pads.append((0, 0))
   xp = jnp.pad(x, pads, mode='wrap')
   return lax.conv_general_dilated(xp, kernel, s, 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                  precision=_HIGHEST)
+                                  precision=HIGHEST)
 
 
 def conv_power_iteration(kernel: jax.Array, x: jax.Array, n_iter: int = 1, *,
@@ -128,9 +128,9 @@ def conv_power_iteration(kernel: jax.Array, x: jax.Array, n_iter: int = 1, *,
 
   def body(_, z):
     y, vjp = jax.vjp(apply, z)
-    return _l2_normalize(vjp(y)[0])
+    return l2_normalize(vjp(y)[0])
 
-  x = lax.stop_gradient(lax.fori_loop(0, n_iter, body, _l2_normalize(x)))
+  x = lax.stop_gradient(lax.fori_loop(0, n_iter, body, l2_normalize(x)))
   sigma = jnp.linalg.norm(circular_conv(x[None], kernel, stride))
   return sigma, x
 

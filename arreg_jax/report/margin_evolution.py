@@ -16,34 +16,17 @@ per-example margins of chosen epochs, ``final.json`` (clean and PGD accuracy) an
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 
 import numpy as np
 
-from arreg_jax.report import figures as F
+from arreg_jax import rundir
+from arreg_jax import sweep as sweep_lib
+from arreg_jax.report import plotting
 
 FIGURES = {'margins': 'poster004_margins_vs_epoch.png', 'hist': 'poster004_margin_histograms.png',
            'robustness': 'poster004_robustness.png'}
-
-
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
-
-
-def regularizer_of(run_dir: str) -> dict[str, float]:
-  """``{'margin_lambda', 'margin_gamma', 'ortho_beta'}`` of a run (zeros for runs made before the regularizer)."""
-  cfg = _read_json(os.path.join(run_dir, 'config.json'))
-  reg = cfg.get('regularizer') or {}
-  return {k: float(reg.get(k, d) or 0.0) for k, d in (('margin_lambda', 0.0), ('margin_gamma', 1.0),
-                                                      ('ortho_beta', 0.0))}
-
-
-def is_regularized(run_dir: str) -> bool:
-  r = regularizer_of(run_dir)
-  return bool(r['margin_lambda'] or r['ortho_beta'])
 
 
 def run_label(run: dict) -> str:
@@ -55,29 +38,24 @@ def run_label(run: dict) -> str:
 
 
 def load_runs(workdir: str) -> list[dict]:
-  """Every run directory of ``workdir`` whose metrics.jsonl has margin statistics, standard runs first."""
+  """Every run of ``workdir`` whose metrics.jsonl has margin statistics, standard runs first."""
   runs = []
-  for cfg_path in sorted(glob.glob(os.path.join(workdir, '*', 'config.json'))):
-    d = os.path.dirname(cfg_path)
-    mpath = os.path.join(d, 'metrics.jsonl')
-    if not os.path.exists(mpath):
-      continue
-    with open(mpath) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+  for info in sweep_lib.find_runs(workdir):
+    rows = rundir.read_jsonl(os.path.join(info.path, rundir.METRICS))
     if not rows or 'train_fmargin_min' not in rows[-1]:
       continue
-    cfg = _read_json(cfg_path)
-    final_path = os.path.join(d, 'final.json')
     hists = {}
-    for p in glob.glob(os.path.join(d, 'margins', 'epoch*.npz')):
+    for p in glob.glob(os.path.join(info.path, rundir.MARGINS, 'epoch*.npz')):
       m = re.search(r'epoch(\d+)\.npz$', p)
       if m:
         with np.load(p) as z:
           hists[int(m.group(1))] = {k: z[k] for k in z.files}
-    runs.append({'name': os.path.basename(d), 'path': d, 'strength': float(cfg.get('strength', 0.0)),
-                 'pgd_eps': (cfg.get('eval') or {}).get('pgd_eps'),
-                 'regularizer': regularizer_of(d), 'epochs': rows, 'hists': dict(sorted(hists.items())),
-                 'final': _read_json(final_path) if os.path.exists(final_path) else None})
+    final_path = os.path.join(info.path, rundir.FINAL)
+    runs.append({'name': info.name, 'path': info.path, 'strength': info.strength,
+                 'pgd_eps': (info.config.get('eval') or {}).get('pgd_eps'),
+                 'regularizer': sweep_lib.regularizer_of(info.config), 'epochs': rows,
+                 'hists': dict(sorted(hists.items())),
+                 'final': rundir.read_json(final_path) if info.finished else None})
   return sorted(runs, key=lambda r: (r['strength'], r['regularizer']['margin_lambda'], r['regularizer']['ortho_beta']))
 
 
@@ -86,9 +64,9 @@ def _colors(runs):
   return {r['name']: base[i % len(base)] for i, r in enumerate(runs)}
 
 
-@F._styled  # pylint: disable=protected-access
+@plotting.styled
 def fig_margins_vs_epoch(runs: list[dict], path: str, title: str) -> str:
-  fig, axes = F._figure(13.5, 6.6, 2, 4)  # pylint: disable=protected-access
+  fig, axes = plotting.new_figure(13.5, 6.6, 2, 4)
   colors = _colors(runs)
   kinds = (('fmargin', 'feature-space margin\n' r'$\min_k (f_y - f_k)/\|w_y - w_k\|$'),
            ('margin', 'logit margin\n' r'$f_y - \max_{k \neq y} f_k$'))
@@ -105,13 +83,13 @@ def fig_margins_vs_epoch(runs: list[dict], path: str, title: str) -> str:
       ax.set_xlabel('epoch')
       if j == 0 or j == 2:
         ax.set_ylabel(ylabel)
-      F._style(ax)  # pylint: disable=protected-access
+      plotting.style_axis(ax)
   axes[0, 0].legend(frameon=False, fontsize=8, loc='best')
   fig.suptitle(title, fontsize=11)
-  return F._save(fig, path)  # pylint: disable=protected-access
+  return plotting.save(fig, path)
 
 
-@F._styled  # pylint: disable=protected-access
+@plotting.styled
 def fig_histograms(runs: list[dict], path: str, title: str, bins: int = 50) -> str | None:
   runs = [r for r in runs if r['hists']]
   if not runs:
@@ -123,7 +101,7 @@ def fig_histograms(runs: list[dict], path: str, title: str, bins: int = 50) -> s
   if not hi > lo:
     lo, hi = lo - 1.0, hi + 1.0
   edges = np.linspace(lo, hi, bins + 1)
-  fig, axes = F._figure(5.2 * len(runs), 4.0, 1, len(runs), sharey=True)  # pylint: disable=protected-access
+  fig, axes = plotting.new_figure(5.2 * len(runs), 4.0, 1, len(runs), sharey=True)
   for j, r in enumerate(runs):
     ax = axes[0, j]
     epochs = list(r['hists'])
@@ -138,18 +116,18 @@ def fig_histograms(runs: list[dict], path: str, title: str, bins: int = 50) -> s
     if j == 0:
       ax.set_ylabel('number of training examples')
     ax.legend(frameon=False, fontsize=8)
-    F._style(ax)  # pylint: disable=protected-access
+    plotting.style_axis(ax)
   fig.suptitle(title + ' — training-set margin histograms (values above the 99.5th percentile are put in the last '
                'bin)', fontsize=10)
-  return F._save(fig, path)  # pylint: disable=protected-access
+  return plotting.save(fig, path)
 
 
-@F._styled  # pylint: disable=protected-access
+@plotting.styled
 def fig_robustness(runs: list[dict], path: str, title: str) -> str | None:
   runs = [r for r in runs if r['final']]
   if not runs:
     return None
-  fig, axes = F._figure(max(5.0, 2.2 * len(runs)), 4.0)  # pylint: disable=protected-access
+  fig, axes = plotting.new_figure(max(5.0, 2.2 * len(runs)), 4.0)
   ax = axes[0, 0]
   x = np.arange(len(runs))
   clean = [100 * r['final']['test']['acc'] for r in runs]
@@ -168,9 +146,9 @@ def fig_robustness(runs: list[dict], path: str, title: str) -> str | None:
   ax.set_ylim(0, 130)
   ax.set_yticks(range(0, 101, 20))
   ax.legend(frameon=False, fontsize=8, loc='upper center', ncol=1)
-  F._style(ax)  # pylint: disable=protected-access
+  plotting.style_axis(ax)
   fig.suptitle(title + ' — robustness', fontsize=10)
-  return F._save(fig, path)  # pylint: disable=protected-access
+  return plotting.save(fig, path)
 
 
 def _fmt(v) -> str:

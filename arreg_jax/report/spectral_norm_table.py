@@ -49,7 +49,7 @@ def _f(v, fmt):
 
 def table(rows: list[dict], key: str | None) -> str:
   """Markdown in the layout of draft 003's Table 1: one column per defensive strength, rows Acc. / GE / PGD, ours
-  and (when ``key`` is known) the draft's. ``rows`` are final rows (``experiment.final_row``: strength, test_acc
+  and (when ``key`` is known) the draft's. ``rows`` are final rows (``trainer.final_row``: strength, test_acc
   in %, loss_gap, pgd_acc in %)."""
   rows = sorted(rows, key=lambda r: r['strength'])
   pub = TABLE1.get(key, (None, {}))[1] if key else {}

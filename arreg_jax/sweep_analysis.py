@@ -1,6 +1,8 @@
 """Analysing the trained members of a sweep: ``analysis.json`` (+ ``per_example.npz``) in every run directory.
 
-For one run (:func:`analyze_run`), with the settings of its config's ``analysis`` block (``configuration.py``):
+The kernels are in :mod:`arreg_jax.analysis`; this module runs them over a sweep directory. For one run
+(:func:`analyze_run`), with the settings of its config's ``analysis`` block (validated by
+``configuration.validate``):
 
 1. per-example margin (Definition 3), true-class probability and cross-entropy on the training and test sets
    (:mod:`margins`), summarized with fixed bin edges (:mod:`distributions`) — Fig. 1b, 4, 5a,b;
@@ -13,8 +15,8 @@ For one run (:func:`analyze_run`), with the settings of its config's ``analysis`
 5. the instance-space margin v_min (:mod:`boundary`, on a subset of training examples) and the terms of
    Theorem 3.1 (:mod:`bounds`).
 
-:func:`analyze_sweep` does this for every finished member of a sweep directory and then writes the report
-(:mod:`arreg_jax.report.builder`). Analysis files are rewritten atomically. With ``reuse=True`` a run whose
+:func:`analyze_sweep` does this for every finished member of a sweep directory (the report is written after it,
+by :mod:`arreg_jax.report.builder`). Analysis files are rewritten atomically. With ``reuse=True`` a run whose
 ``analysis.json`` was made from the same checkpoint with the same settings is not analysed again.
 """
 
@@ -31,10 +33,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from arreg_jax import distributed, experiment, models, sharding, train
-from arreg_jax.analysis import batching, boundary, bounds, distributions, margins, restore, singular_values
-from arreg_jax.analysis import smoothness
-from arreg_jax.analysis import sweep as sweep_lib
+from arreg_jax import configuration, distributed, models, restore, rundir, sharding, train
+from arreg_jax import sweep as sweep_lib
+from arreg_jax.analysis import batching, boundary, bounds, distributions, margins, singular_values, smoothness
 from arreg_jax.errors import ConfigError
 
 ANALYSIS_VERSION = 1
@@ -44,7 +45,7 @@ MID_PROB = (0.1, 0.9)
 
 
 def settings_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The analysis settings of a run, resolved to absolute values (JSON-ready); raises ConfigError if invalid."""
+  """The analysis settings of a (validated) run config, resolved to absolute values (JSON-ready)."""
   a = config.analysis
   pgd_eps = float(config.eval.pgd_eps)
   s = {
@@ -55,7 +56,7 @@ def settings_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'loss_variation_eps': [float(r) * pgd_eps for r in a.loss_variation_eps_rel],
       'loss_variation_examples': a.loss_variation_examples, 'loss_variation_steps': int(a.loss_variation_steps),
       'loss_variation_step_rel': float(a.loss_variation_step_rel),
-      'loss_variation_split': str(a.get('loss_variation_split', 'test')),
+      'loss_variation_split': str(a.loss_variation_split),
       'boundary_screen_examples': int(a.boundary_screen_examples),
       'boundary_refine_examples': int(a.boundary_refine_examples),
       'boundary_rounds': int(a.boundary_rounds), 'boundary_steps': int(a.boundary_steps),
@@ -66,45 +67,7 @@ def settings_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'attack_batch_size': int(config.train.batch_size),
   }
 
-  def need(ok, msg):
-    if not ok:
-      raise ConfigError(msg)
-
-  need(s['bins'] >= 1, f'config.analysis.bins must be >= 1, got {s["bins"]}')
-  for k in ('margin_range', 'loss_range'):
-    need(len(s[k]) == 2 and s[k][0] < s[k][1], f'config.analysis.{k} must be (lo, hi) with lo < hi, got {s[k]}')
-  need(all(e > 0 for e in s['loss_variation_eps']), 'config.analysis.loss_variation_eps_rel must be > 0')
-  for k in ('loss_variation_steps', 'boundary_screen_examples', 'boundary_refine_examples', 'boundary_steps'):
-    need(s[k] >= 1, f'config.analysis.{k} must be >= 1, got {s[k]}')
-  need(s['boundary_rounds'] >= 0, 'config.analysis.boundary_rounds must be >= 0')
-  for k in ('max_train_examples', 'max_test_examples', 'loss_variation_examples'):
-    need(s[k] is None or s[k] >= 1, f'config.analysis.{k} must be None or >= 1, got {s[k]}')
-  b = s['bound']
-  need(b['c_x'] > 0 and b['k'] > 0 and 0 < b['eta'] < 1, 'config.analysis.bound: need c_x > 0, k > 0, 0 < eta < 1')
-  need(b['gamma'] is None or b['gamma'] > 0, 'config.analysis.bound.gamma must be None or > 0')
-  need(b['eps'] is None or b['eps'] > 0, 'config.analysis.bound.eps must be None or > 0')
   return s
-
-
-def write_json(path: str, obj: Any) -> None:
-  """``experiment.write_json`` (atomic) of :func:`json_safe` ``(obj)``."""
-  experiment.write_json(path, json_safe(obj))
-
-
-def json_safe(obj: Any) -> Any:
-  """Plain Python values, non-finite floats as strings ('inf', '-inf', 'nan'): the file stays strict JSON."""
-  if isinstance(obj, dict):
-    return {k: json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [json_safe(v) for v in obj]
-  if isinstance(obj, (bool, np.bool_)):
-    return bool(obj)
-  if isinstance(obj, (float, np.floating)):
-    f = float(obj)
-    return f if math.isfinite(f) else str(f)
-  if isinstance(obj, np.integer):
-    return int(obj)
-  return obj
 
 
 def _summary_size(ds, s) -> int:
@@ -137,7 +100,7 @@ def _confidence(module, variables, ds, split: str, limit, s, mesh) -> tuple[dict
 
 
 def _loss_variation(module, variables, ds, s, mesh) -> tuple[list[dict], dict]:
-  split = s.get('loss_variation_split', 'test')
+  split = s['loss_variation_split']
   correct_only = split == 'train_correct'
   kernel = smoothness.make_kernel(module, ds.augment, s['loss_variation_steps'], s['loss_variation_step_rel'],
                                   correct_only)
@@ -217,12 +180,13 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
   t_start = time.time()
   mesh = mesh or sharding.make_mesh()
   config, raw_cfg = restore.run_config(run_dir)
+  configuration.validate(config)
   s = settings_of(config)
-  out_path = os.path.join(run_dir, 'analysis.json')
-  final = experiment.read_json(os.path.join(run_dir, 'final.json'))
-  if reuse and os.path.exists(out_path) and os.path.exists(os.path.join(run_dir, 'per_example.npz')):
-    old = experiment.read_json(out_path)
-    if old.get('settings') == json_safe(s) and old.get('final_row') == json_safe(final.get('row')):
+  out_path = os.path.join(run_dir, rundir.ANALYSIS)
+  final = rundir.read_json(os.path.join(run_dir, rundir.FINAL))
+  if reuse and os.path.exists(out_path) and os.path.exists(os.path.join(run_dir, rundir.PER_EXAMPLE)):
+    old = rundir.read_json(out_path)
+    if old.get('settings') == rundir.json_safe(s) and old.get('final_row') == rundir.json_safe(final.get('row')):
       logging.info('%s: analysis.json is up to date', run_dir)
       return old
   config, module, variables, ds, epoch = restore.restore_run(run_dir)
@@ -285,16 +249,16 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
       'timing': timing,
   }
   if not distributed.is_main_process():  # every process computes; process 0 writes
-    return json_safe(result)
-  experiment.write_npz(os.path.join(run_dir, 'per_example.npz'), arrays)
-  write_json(out_path, result)
-  return experiment.read_json(out_path)
+    return rundir.json_safe(result)
+  rundir.write_npz(os.path.join(run_dir, rundir.PER_EXAMPLE), arrays)
+  rundir.write_json(out_path, result, safe=True)
+  return rundir.read_json(out_path)
 
 
-def analyze_sweep(workdir: str, *, reuse: bool = False, report: bool = True, mesh=None) -> dict:
-  """Analyses every finished run of ``workdir`` and (by default) writes the report; returns a summary.
+def analyze_sweep(workdir: str, *, reuse: bool = False, mesh=None) -> dict:
+  """Analyses every finished run of ``workdir``; returns ``{'runs': [names analysed], 'analysis_s'}``.
 
-  Unfinished runs are skipped (and listed in the report). Returns ``{'runs': [...], 'analysis_s', 'report_s'}``.
+  Unfinished runs are skipped (the report lists them).
   """
   t0 = time.time()
   mesh = mesh or sharding.make_mesh()
@@ -312,12 +276,4 @@ def analyze_sweep(workdir: str, *, reuse: bool = False, report: bool = True, mes
     if distributed.is_main_process():
       print(f'[analysis] {run.name}: {time.time() - t:.1f} s', flush=True)
     done.append(run.name)
-  analysis_s = time.time() - t0
-  report_s = None
-  if report and distributed.is_main_process():  # the report only reads files: process 0 alone
-    from arreg_jax.report import builder  # local import: matplotlib is only needed for the report
-    t = time.time()
-    builder.write_report(workdir, analysis_seconds=analysis_s)
-    report_s = time.time() - t
-    print(f'[report] {os.path.join(workdir, "report.md")} ({report_s:.1f} s)', flush=True)
-  return {'runs': done, 'analysis_s': analysis_s, 'report_s': report_s}
+  return {'runs': done, 'analysis_s': time.time() - t0}

@@ -1,0 +1,169 @@
+"""Nothing lost, nothing silently wrong: damaged checkpoints, results reused under another config, failed writes,
+and a table of bad inputs that must each give one clear line, exit status 2, and leave an existing workdir as it was."""
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ['--config', 'configs/mnist.py:smoke', '--config.sweep=(0.1,)', '--config.train.epochs=3',
+        '--config.analysis.enabled=False']
+
+
+def _main(workdir, *args, preexec_fn=None, timeout=300):
+  cmd = [sys.executable, '-m', 'arreg_jax.main', '--workdir', str(workdir), *args]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+
+
+def _tree(root) -> dict[str, str]:
+  """path → sha256 of every file under ``root`` (the workdir's exact state)."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      with open(p, 'rb') as fh:
+        out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  """A finished one-member sweep (3 epochs, checkpoints 1–3 kept) to copy from."""
+  w = tmp_path_factory.mktemp('ref') / 'w'
+  r = _main(w, *ARGS)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return w
+
+
+def _copy(finished, tmp_path, unfinish=False):
+  w = tmp_path / 'w'
+  shutil.copytree(finished, w)
+  if unfinish:
+    (w / 'ar0.1' / 'final.json').unlink()
+  return w
+
+
+def _one_clear_line(r):
+  assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+  assert 'Traceback' not in r.stderr, r.stderr[-3000:]
+  errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1, r.stderr[-3000:]
+  return errors[0]
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'delete'])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(finished, tmp_path, damage):
+  w = _copy(finished, tmp_path, unfinish=True)
+  ckpt3 = w / 'ar0.1' / 'checkpoints' / '3'
+  files = sorted(p for p in ckpt3.rglob('*') if p.is_file())
+  if damage == 'truncate':  # a disk fault: every file of the newest checkpoint cut to 16 bytes
+    for p in files:
+      p.write_bytes(p.read_bytes()[:16])
+  else:  # one data file gone
+    next(p for p in files if '/d/' in str(p)).unlink()
+  r = _main(w, *ARGS)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'checkpoint of epoch 3' in r.stdout and 'damaged' in r.stdout and 'resuming after epoch 2' in r.stdout
+  assert (w / 'ar0.1' / 'checkpoints_damaged' / '3').is_dir()  # moved aside, never deleted
+  ref = json.load(open(finished / 'ar0.1' / 'final.json'))
+  got = json.load(open(w / 'ar0.1' / 'final.json'))
+  assert got['row'] == ref['row']  # retrained from epoch 2: the same result as the uninterrupted run
+
+
+def test_no_intact_checkpoint_is_one_clear_error(finished, tmp_path):
+  w = _copy(finished, tmp_path, unfinish=True)
+  for p in (w / 'ar0.1' / 'checkpoints').rglob('*'):
+    if p.is_file():
+      p.write_bytes(b'')
+  line = _one_clear_line(_main(w, *ARGS))
+  assert 'no intact checkpoint in' in line and 'checkpoints' in line
+
+
+def test_a_stale_partial_checkpoint_write_is_ignored(finished, tmp_path):
+  """A SIGKILL during a checkpoint write leaves orbax's temporary directory behind: the run resumes past it."""
+  w = _copy(finished, tmp_path, unfinish=True)
+  ck = w / 'ar0.1' / 'checkpoints'
+  shutil.copytree(ck / '3', ck / '4.orbax-checkpoint-tmp-1234')
+  shutil.rmtree(ck / '3')
+  r = _main(w, *ARGS)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'resuming after epoch 2' in r.stdout
+  assert json.load(open(w / 'ar0.1' / 'final.json'))['row'] == json.load(open(finished / 'ar0.1' / 'final.json'))['row']
+
+
+def test_a_full_disk_leaves_every_previous_file_intact(finished, tmp_path):
+  """RLIMIT_FSIZE (it holds for root too) makes the big writes fail: the checkpoint of the resumed epoch and
+  the analysis files. Every file of the workdir stays as it was, and one line says what failed."""
+  w = _copy(finished, tmp_path, unfinish=True)
+  shutil.rmtree(w / 'ar0.1' / 'checkpoints' / '3')
+  before = _tree(w)
+  limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+  line = _one_clear_line(_main(w, *ARGS, preexec_fn=limit))
+  assert 'could not write' in line and 'intact' in line, line
+  after = _tree(w)
+  assert {k: v for k, v in after.items() if k in before} == before  # nothing earlier changed
+  assert not [k for k in after if k not in before and not k.startswith('ar0.1/checkpoints/')
+              and 'tensorboard' not in k], sorted(set(after) - set(before))
+
+
+BAD_INPUTS = [
+    # (name, extra args, text the one error line must contain)
+    ('misspelt key', ['--config.train.epoch=3'], 'Did you mean "epochs"'),
+    ('unknown model', ['--config.model.name=resnet57'], 'unknown model'),
+    ('unknown dataset', ['--config.data.name=svhn'], 'unknown dataset'),
+    ('negative AR strength', ['--config.sweep=(-0.1,)'], 'must be >= 0'),
+    ('negative ε', ['--config.eval.pgd_eps=-0.5'], 'pgd_eps'),
+    ('missing data', ['--config.data.source=files', '--config.data.data_dir=/nonexistent/mnist'], '/nonexistent/mnist'),
+    ('batch larger than the data', ['--config.train.batch_size=100000'], 'exceeds the 256 training examples'),
+    ('a required value set to None', ['--config.train.epochs=None'], 'cannot be None'),
+    ('an unknown key set to None', ['--config.train.epoch=None'], "unknown config key 'train.epoch'"),
+    ('changed training config', ['--config.train.learning_rate=0.3'], 'differs in: train.learning_rate'),
+    ('changed model', ['--config.model.name=mlp'], 'differs in: model.name'),
+    ('stray positional argument', ['extra'], 'unexpected arguments: extra'),
+    ('bad analysis setting', ['--config.analysis.bins=1'], 'analysis.bins'),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,extra,message', BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_against_an_existing_workdir(finished, tmp_path, name, extra, message):
+  w = _copy(finished, tmp_path)
+  before = _tree(w)
+  base = [a for a in ARGS if not a.startswith('--config.analysis')]
+  line = _one_clear_line(_main(w, *base, '--config.analysis.enabled=False', *extra, timeout=120))
+  assert message in line, (name, line)
+  assert _tree(w) == before, name
+
+
+@pytest.mark.parametrize('case', ['syntax error', 'workdir is a file', 'missing config file'])
+def test_inputs_that_fail_before_the_config_loads(tmp_path, case):
+  if case == 'syntax error':
+    bad = tmp_path / 'bad.py'
+    bad.write_text('def get_config(arg=None):\n  return (\n')
+    r, want = _main(tmp_path / 'w', '--config', str(bad), timeout=120), 'syntax error'
+  elif case == 'workdir is a file':
+    f = tmp_path / 'file'
+    f.write_text('x')
+    r, want = _main(f, '--config', 'configs/mnist.py:smoke', timeout=120), 'is an existing file'
+    assert f.read_text() == 'x'
+  else:
+    r, want = _main(tmp_path / 'w', '--config', 'configs/does_not_exist.py', timeout=120), 'does not exist'
+  line = _one_clear_line(r)
+  assert want in line, line
+  assert not (tmp_path / 'w').exists()
+
+
+def test_an_optional_value_can_be_set_back_to_none(tmp_path):
+  r = _main(tmp_path / 'w', '--config', 'configs/mnist.py:smoke', '--config.sweep=(0.0,)', '--config.train.epochs=1',
+            '--config.analysis.enabled=False', '--config.eval.pgd_examples_per_epoch=None', timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  cfg = json.load(open(tmp_path / 'w' / 'ar0' / 'config.json'))
+  assert cfg['eval']['pgd_examples_per_epoch'] is None
+  rows = [json.loads(line) for line in open(tmp_path / 'w' / 'ar0' / 'metrics.jsonl')]
+  assert rows[-1]['pgd_examples'] == 128  # the whole smoke test set

@@ -214,12 +214,7 @@ def train_one(config: ml_collections.ConfigDict, strength: float, ds, data: _Dev
   epoch_times = []
   for epoch in range(start_epoch + 1, epochs + 1):
     t0 = time.time()
-    perm = permutation(epoch)
-    sums = None
-    for k in calls:
-      state, m = multi_steps[k](state, data.train_images, data.train_labels, perm)
-      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-    sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+    state, sums = train.run_epoch(multi_steps, calls, state, data.train_images, data.train_labels, permutation(epoch))
     if clip_to is not None and epoch % config.spectral.every_epochs == 0:
       state = state.replace(params=clip(state.params))  # after the epoch's last step (appendix D.3)
     train_time = time.time() - t0
@@ -336,13 +331,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data have been checked.
   """
   configuration.validate(config)
-  mesh = sharding.make_mesh()
-  sharding.check_divisible(config.train.batch_size, mesh, 'config.train.batch_size')
-  sharding.check_divisible(config.eval.batch_size, mesh, 'config.eval.batch_size')
+  mesh = sharding.make_mesh(sharding.data_parallel_devices(config.train.batch_size))  # evaluation pads its batches
+  sharding.check_divisible(config.train.batch_size, mesh, 'config.train.batch_size')  # only fails on several hosts
   ds = get_dataset(config.data)
   _check_sizes(config, ds)
-  logging.info('%s: %d train / %d test examples, %d classes, image %s; %d device(s)', ds.name,
-               ds.train_images.shape[0], ds.test_images.shape[0], ds.num_classes, ds.image_shape, mesh.size)
+  logging.info('%s: %d train / %d test examples, %d classes, image %s; %d of %d device(s)', ds.name,
+               ds.train_images.shape[0], ds.test_images.shape[0], ds.num_classes, ds.image_shape, mesh.size,
+               jax.device_count())
 
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, 'config.json'), _config_dict(config))

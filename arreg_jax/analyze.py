@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from arreg_jax import host_devices
 from arreg_jax.errors import ArregError
 
 FLAGS = flags.FLAGS
@@ -37,6 +38,7 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  host_devices.use_every_cpu_core()  # one XLA:CPU device per core on a CPU-only host (arreg_jax.host_devices)
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= logging.converter.STANDARD_WARNING or '/orbax/' not in r.pathname)
   workdir = FLAGS.workdir

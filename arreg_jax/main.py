@@ -3,6 +3,11 @@
 Config values can be overridden on the command line (``--config.train.epochs=5``); ``--config
 configs/<name>.py:smoke`` runs a tiny version of any config. Errors caused by the input (config, data, divergence)
 are printed as one line, without a traceback, and exit with status 2.
+
+``--cpu_devices=auto`` (the default) splits a CPU-only host into one XLA:CPU device per core, over which the batch is
+sharded (:mod:`arreg_jax.host_devices`); ``--cpu_devices=N`` asks for N devices, ``--cpu_devices=1`` keeps XLA's
+single device. It changes nothing on GPU/TPU hosts or when ``XLA_FLAGS`` already sets
+``--xla_force_host_platform_device_count``.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from arreg_jax import distributed, experiment
+from arreg_jax import distributed, experiment, host_devices
 from arreg_jax.errors import ArregError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<name>.py[:smoke]).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the report.')
+flags.DEFINE_string('cpu_devices', 'auto', "XLA:CPU devices on a CPU-only host: 'auto' (one per core) or N.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -37,6 +43,10 @@ def main(argv):
   # Orbax logs every step of every save at INFO; keep its warnings and errors only.
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= logging.converter.STANDARD_WARNING or '/orbax/' not in r.pathname)
+  cpu_devices = FLAGS.cpu_devices.strip().lower()
+  if cpu_devices != 'auto' and not (cpu_devices.isdigit() and int(cpu_devices) >= 1):
+    _fail(f"--cpu_devices must be 'auto' or an integer >= 1, got {FLAGS.cpu_devices!r}")
+  host_devices.use_every_cpu_core('auto' if cpu_devices == 'auto' else int(cpu_devices))  # before any computation
   try:
     config = FLAGS.config
     config.keys()  # a config file that failed to load raises here, not at parse time

@@ -24,7 +24,7 @@ import time
 from absl import app
 from absl import flags
 
-from arreg_jax import distributed, sweep_analysis
+from arreg_jax import distributed, host_devices, sweep_analysis
 from arreg_jax.errors import ArregError
 from arreg_jax.cli import fail, quiet_orbax
 from arreg_jax.report import builder
@@ -59,6 +59,7 @@ def main(argv):
     fail(f'unexpected arguments: {" ".join(argv[1:])}. Usage: python -m arreg_jax.analyze --workdir DIR '
           '[--reuse] [--report_only]')
   quiet_orbax()
+  host_devices.use_every_cpu_core()  # one XLA:CPU device per core on a CPU-only host (arreg_jax.host_devices)
   try:
     analyse_and_report(FLAGS.workdir, reuse=FLAGS.reuse, report_only=FLAGS.report_only)
   except ArregError as e:

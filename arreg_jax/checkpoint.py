@@ -7,8 +7,11 @@ moved aside to ``<run>/checkpoints_damaged/<epoch>[.k]`` with a warning naming i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
+import threading
 from typing import Any
 
 from absl import logging
@@ -18,6 +21,24 @@ import orbax.checkpoint as ocp
 from arreg_jax.errors import DataError, OutputError
 
 DAMAGED = 'checkpoints_damaged'
+
+
+@contextlib.contextmanager
+def _writer_errors_logged():
+  """While a save runs, errors raised in orbax's and tensorstore's writer threads and callbacks (after a failed
+  write: "Event loop is closed", …) are logged as one line each instead of printed as tracebacks; the failure
+  itself reaches the caller as the save's exception (an OutputError, which ends the run)."""
+  def hook(*args):
+    exc = args[0].exc_value if len(args) == 1 else args[1]
+    logging.warning('checkpoint writer: %s: %s', type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else '')
+  saved = sys.excepthook, sys.unraisablehook, threading.excepthook
+  sys.excepthook = sys.unraisablehook = threading.excepthook = hook
+  yield  # after a failure the hooks stay: the writer threads' callbacks go on failing until the process ends
+  sys.excepthook, sys.unraisablehook, threading.excepthook = saved
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 class Checkpointer:
@@ -45,10 +66,11 @@ class Checkpointer:
 
   def save(self, epoch: int, state: Any) -> None:
     try:
-      self._mngr.save(epoch, args=ocp.args.StandardSave(state))
-      self._mngr.wait_until_finished()
-    except OSError as e:
-      raise OutputError(f'could not write the checkpoint of epoch {epoch} in {self.directory}: {e}. The earlier '
+      with _writer_errors_logged():
+        self._mngr.save(epoch, args=ocp.args.StandardSave(state))
+        self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore reports I/O errors as ValueError
+      raise OutputError(f'could not write the checkpoint of epoch {epoch} in {self.directory}: {_first_line(e)}. The earlier '
                         'checkpoints are intact; free disk space and run the same command again: training resumes '
                         'from the last intact checkpoint') from e
 

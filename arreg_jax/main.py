@@ -6,6 +6,11 @@ off — analyses each finished run (:mod:`arreg_jax.sweep_analysis`) and writes 
 (``--config.train.epochs=5``; ``--config.data.train_size=None`` sets an optional value back to None);
 ``--config configs/<name>.py:smoke`` runs a tiny version of any config. Errors caused by the input (config, data,
 work directory, divergence, a full disk) are printed as one line, without a traceback, and exit with status 2.
+
+``--cpu_devices=auto`` (the default) splits a CPU-only host into one XLA:CPU device per core, over which the batch is
+sharded (:mod:`arreg_jax.host_devices`); ``--cpu_devices=N`` asks for N devices, ``--cpu_devices=1`` keeps XLA's
+single device. It changes nothing on GPU/TPU hosts or when ``XLA_FLAGS`` already sets
+``--xla_force_host_platform_device_count``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from arreg_jax import configuration, distributed, sharding, sweep_analysis, trainer
+from arreg_jax import configuration, distributed, host_devices, sharding, sweep_analysis, trainer
 from arreg_jax.cli import fail, quiet_orbax
 from arreg_jax.errors import ArregError
 from arreg_jax.report import builder
@@ -32,6 +37,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<name>.py[:smoke]).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the report.')
+flags.DEFINE_string('cpu_devices', 'auto', "XLA:CPU devices on a CPU-only host: 'auto' (one per core) or N.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 _NONE_OVERRIDE = re.compile(r'^--config\.([\w.]+)=(None|none)$')
@@ -40,7 +46,8 @@ _none_overrides: list[str] = []
 
 def run(config, workdir: str) -> dict:
   """Train → analyse → report for ``config`` in ``workdir``; returns the training summary."""
-  mesh = sharding.make_mesh()
+  # Training shards each batch over the largest device count that divides it; evaluation pads its batches.
+  mesh = sharding.make_mesh(sharding.data_parallel_devices(config.train.batch_size))
   summary = trainer.train_sweep(config, workdir, mesh=mesh)
   if config.analysis.enabled:
     analysis = sweep_analysis.analyze_sweep(workdir, reuse=True, mesh=mesh)
@@ -56,6 +63,10 @@ def main(argv):
     fail(f'unexpected arguments: {" ".join(argv[1:])}. Every setting is a flag: --config FILE --workdir DIR '
          '[--config.KEY=VALUE ...]')
   quiet_orbax()
+  cpu_devices = FLAGS.cpu_devices.strip().lower()
+  if cpu_devices != 'auto' and not (cpu_devices.isdigit() and int(cpu_devices) >= 1):
+    fail(f"--cpu_devices must be 'auto' or an integer >= 1, got {FLAGS.cpu_devices!r}")
+  host_devices.use_every_cpu_core('auto' if cpu_devices == 'auto' else int(cpu_devices))  # before any computation
   try:
     config = FLAGS.config
     config.keys()  # a config file that failed to load raises here, not at parse time

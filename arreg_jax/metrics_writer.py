@@ -75,6 +75,10 @@ class MetricsWriter:
     if start_epoch:
       self.print(f'resuming after epoch {start_epoch}')
 
+  def rollback(self, last_epoch: int) -> None:
+    """Drops the recorded rows after ``last_epoch`` (the epoch whose checkpoint could not be written)."""
+    rundir.truncate_jsonl(self.path, last_epoch)
+
   def start_epoch(self) -> None:
     self._epoch_start = self._last_progress = time.time()
 
@@ -93,7 +97,16 @@ class MetricsWriter:
                f'epoch ETA {format_duration(eta)}')
 
   def write_epoch(self, row: dict) -> None:
-    """Records one epoch's row (``epoch``, ``epoch_time_s``, metrics): metrics.jsonl, TensorBoard, one stdout line."""
+    """:meth:`record_epoch` then :meth:`print_epoch`."""
+    self.record_epoch(row)
+    self.print_epoch(row)
+
+  def record_epoch(self, row: dict) -> None:
+    """Records one epoch's row (``epoch``, ``epoch_time_s``, metrics) in metrics.jsonl and TensorBoard.
+
+    The training loop records before it checkpoints the epoch and prints after: a run killed in between resumes
+    from the previous checkpoint and drops the recorded row, and a printed epoch always has its checkpoint.
+    """
     self._epoch_times.append(row['epoch_time_s'])
     if not self._main:
       return
@@ -103,6 +116,11 @@ class MetricsWriter:
         if k not in ('epoch', 'step') and isinstance(v, (int, float)) and np.isfinite(v):
           self._tb.add_scalar(f'epoch/{k}', v, global_step=row['epoch'])
       self._tb.flush()
+
+  def print_epoch(self, row: dict) -> None:
+    """The epoch's stdout line (losses, accuracies, img/s, the member's ETA)."""
+    if not self._main:
+      return
     eta = float(np.mean(self._epoch_times)) * (self.epochs - row['epoch'])
     line = (f'epoch {row["epoch"]}/{self.epochs}  train loss {row["train_loss"]:.4f} '
             f'acc {100 * row["train_acc"]:.2f}%')

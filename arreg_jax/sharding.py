@@ -1,7 +1,24 @@
-"""One data-parallel mesh over every device: batches sharded on ``'data'``, everything else replicated."""
+"""One data-parallel mesh: batches sharded on ``'data'``, everything else replicated; and a bound on how far the host
+runs ahead of the devices.
+
+**Why the bound** (:class:`DispatchWindow`): with several XLA:CPU devices (``--xla_force_host_platform_device_count``)
+every program over the mesh is launched by one task per device on the PjRt CPU client's thread pool, which has only
+``max(cores, devices)`` threads — "enough threads for one collective", in XLA's words. Each launch first takes a slot
+of its device's in-flight limit (32 launched, unfinished programs per device) and *blocks its pool thread* while the
+limit is full; the running program's per-device parts each hold a pool thread until the program ends, and its
+all-reduce needs every device's part running. A host that dispatches more than 32 programs ahead therefore leaves a
+launch task blocked on a thread that one device's part of the oldest program needs: the all-reduce waits for a part
+that never starts, and after 40 s XLA aborts the process ("Expected 2 threads to join the rendezvous, but only 1 of
+them arrived on time"). Keeping fewer than 32 programs in flight means no launch ever blocks, so that cannot happen;
+8 keeps the devices fed as well as 32 does.
+"""
 
 from __future__ import annotations
 
+import collections
+from typing import Any, Sequence
+
+from absl import logging
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -10,11 +27,29 @@ from arreg_jax.errors import ConfigError
 
 DATA_AXIS = 'data'
 
+# Programs dispatched and not yet finished that a host loop may keep in flight (XLA:CPU's per-device limit is 32).
+MAX_IN_FLIGHT = 8
+
 
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh ``('data',)`` over ``devices`` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def data_parallel_devices(batch_size: int, devices: Sequence | None = None) -> list:
+  """The first ``n`` of ``devices`` (default: all), with ``n`` the largest device count that divides ``batch_size``
+  (so a batch splits evenly): 8 devices and batch 60 → 6 devices, batch 128 → 8. On several processes (hosts) every
+  device is kept — the mesh must span all hosts — and :func:`check_divisible` then reports a batch that does not
+  split."""
+  devices = list(jax.devices() if devices is None else devices)
+  if len({d.process_index for d in devices}) > 1:
+    return devices
+  n = max(k for k in range(1, len(devices) + 1) if batch_size % k == 0)
+  if n < len(devices):
+    logging.warning('batch size %d splits evenly over %d of the %d devices; using %d (a multiple of %d would use '
+                    'them all)', batch_size, n, len(devices), n, len(devices))
+  return devices[:n]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -26,6 +61,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def round_up(batch_size: int, mesh: Mesh) -> int:
+  """The smallest multiple of the mesh's device count that is ≥ ``batch_size``."""
+  return -(-int(batch_size) // mesh.size) * mesh.size
+
+
 def check_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
   """Raises a ConfigError unless ``batch_size`` splits evenly over the mesh's devices."""
   n = mesh.size
@@ -34,6 +74,22 @@ def check_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
     raise ConfigError(
         f'{what} = {batch_size} is not divisible by the number of devices ({n}); '
         f'set it to a multiple of {n}, e.g. {hi}' + (f' or {lo}' if lo else ''))
+
+
+class DispatchWindow:
+  """Keeps at most ``size`` dispatched programs in flight: :meth:`push` each program's output; when more than
+  ``size`` are pending, it waits for the oldest (see the module docstring for why; multi-device programs run one at a
+  time in dispatch order, so once the oldest is done so is everything dispatched before it)."""
+
+  def __init__(self, size: int = MAX_IN_FLIGHT):
+    self.size = int(size)
+    self._pending: collections.deque = collections.deque()
+
+  def push(self, outputs: Any) -> Any:
+    self._pending.append(outputs)
+    while len(self._pending) > self.size:
+      jax.block_until_ready(self._pending.popleft())
+    return outputs
 
 
 def to_host(tree):

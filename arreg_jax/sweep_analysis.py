@@ -220,7 +220,7 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
                                          'steps': config.eval.pgd_steps})
     step = train.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=pgd_cfg)
     res = train.evaluate(step, variables, ds.test_images, ds.test_labels, batch_size=s['batch_size'],
-                         key=jax.random.key(config.seed), limit=s['max_test_examples'])
+                         key=jax.random.key(config.seed), limit=s['max_test_examples'], mesh=mesh)
     pgd = {'pgd_acc': res['pgd_acc'], 'source': 'recomputed by the analysis (train.make_eval_step)',
            'eps': float(config.eval.pgd_eps), 'steps': int(config.eval.pgd_steps)}
     timing['pgd_s'] = time.time() - t

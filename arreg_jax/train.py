@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from arreg_jax import attacks, models, regularizers
+from arreg_jax import attacks, models, regularizers, sharding
 from arreg_jax.data import augment
 
 Metrics = dict[str, jax.Array]
@@ -211,50 +211,110 @@ def make_multi_step(module: nn.Module, tx: optax.GradientTransformation, *, step
   return jax.jit(multi_step, donate_argnums=(0,))
 
 
-def make_eval_step(module: nn.Module, *, augment_kind: str, pgd_cfg: ml_collections.ConfigDict | None):
-  """Returns the jitted ``eval_step(variables, images, labels, mask, key) -> metric sums``.
+@jax.jit
+def add_metrics(a: Metrics, b: Metrics) -> Metrics:
+  """``a + b`` leaf by leaf, as one compiled program (one dispatch, not one per leaf)."""
+  return jax.tree.map(jnp.add, a, b)
 
-  Clean cross-entropy and accuracy over the examples with ``mask`` = 1 and, if ``pgd_cfg`` is given, the PGD
-  accuracy of SPEC §5: among examples classified correctly when clean, those still correct after L∞ PGD
-  (``pgd_cfg.eps``, ``steps`` steps of ``step_size``, random start) — ``pgd_correct`` / ``clean_correct``.
+
+def run_epoch(multi_steps: dict[int, Callable], calls: list[int], state: TrainState, images, labels, perm, *,
+              progress: Callable[[int], None] | None = None, progress_due: Callable[[], bool] | None = None
+              ) -> tuple[TrainState, dict[str, float]]:
+  """Runs one epoch as ``multi_steps[k](state, images, labels, perm)`` for each ``k`` in ``calls`` (see
+  :func:`make_multi_step`); returns the new state and the epoch's metric sums as floats (one device→host copy).
+
+  The host keeps at most :data:`arreg_jax.sharding.MAX_IN_FLIGHT` calls in flight: on several XLA:CPU devices a host
+  that runs 32 programs ahead deadlocks the next all-reduce (:mod:`arreg_jax.sharding`). When ``progress_due()``
+  says so at a dispatch boundary, the host waits for the call before the newest one — one call stays queued, so the
+  devices never idle — and calls ``progress(steps finished)``; no other host sync happens per call.
+  """
+  window = sharding.DispatchWindow()
+  sums, previous, done = None, None, 0
+  for k in calls:
+    state, m = multi_steps[k](state, images, labels, perm)
+    sums = m if sums is None else add_metrics(sums, m)
+    window.push(sums)
+    if progress is not None and previous is not None and done < sum(calls) and progress_due():
+      jax.block_until_ready(previous)
+      progress(done)
+    previous, done = sums, done + k
+  return state, {k: float(v) for k, v in jax.device_get(sums).items()}
+
+
+def make_eval_step(module: nn.Module, *, augment_kind: str, pgd_cfg: ml_collections.ConfigDict | None):
+  """Returns the jitted ``eval_step(variables, images, labels, start, stop, key, *, batch_size, padded_size,
+  batch_sharding) -> metric sums`` that :func:`evaluate` calls once per batch.
+
+  The batch is gathered inside the program from the device-resident ``images``/``labels``: ``padded_size`` (≥
+  ``batch_size``, static) rows from example ``start`` on (wrapping around the split), of which only the first
+  ``batch_size`` at positions < ``stop`` count; with a ``batch_sharding`` (static) the rows are split over its mesh,
+  so each device evaluates its share. The PGD key is ``fold_in(key, start // batch_size)``, and the random start of
+  a row does not depend on ``padded_size`` (threefry bits are indexed by position), so padding the batch to a
+  multiple of the device count changes no result. Sums: clean cross-entropy and accuracy over the unmasked examples and, if
+  ``pgd_cfg`` is given, the PGD accuracy of SPEC §5: among examples classified correctly when clean, those still
+  correct after L∞ PGD (``pgd_cfg.eps``, ``steps`` steps of ``step_size``, random start) — ``pgd_correct`` /
+  ``clean_correct``.
   """
 
-  def eval_step(variables, images, labels, mask, key):
-    x = augment.preprocess(key, images, kind=augment_kind, train=False)
+  def eval_step(variables, images, labels, start, stop, key, *, batch_size: int, padded_size: int,
+                batch_sharding=None):
+    row = jnp.arange(padded_size, dtype=jnp.int32)
+    pos = start + row
+    index = pos % images.shape[0]
+    x, y, mask = images[index], labels[index], (row < batch_size) & (pos < stop)
+    if batch_sharding is not None:
+      x, y, mask = (jax.lax.with_sharding_constraint(a, batch_sharding) for a in (x, y, mask))
+    key = jax.random.fold_in(key, start // batch_size)
+    x = augment.preprocess(key, x, kind=augment_kind, train=False)
     logits_fn = _logits_fn(module, variables, train=False)
     logits = logits_fn(x)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, -1) == labels) & mask
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = (jnp.argmax(logits, -1) == y) & mask
     out = {
         'loss_sum': jnp.sum(jnp.where(mask, ce, 0.0)),
         'correct': jnp.sum(correct).astype(jnp.float32),
         'count': jnp.sum(mask).astype(jnp.float32),
     }
     if pgd_cfg is not None:
-      x_adv = attacks.pgd(logits_fn, x, labels, key, eps=pgd_cfg.eps, step_size=pgd_cfg.step_size,
+      x_adv = attacks.pgd(logits_fn, x, y, key, eps=pgd_cfg.eps, step_size=pgd_cfg.step_size,
                           steps=int(pgd_cfg.steps), norm='linf', random_start=True)
-      still = (jnp.argmax(logits_fn(x_adv), -1) == labels) & correct
+      still = (jnp.argmax(logits_fn(x_adv), -1) == y) & correct
       out['pgd_correct'] = jnp.sum(still).astype(jnp.float32)
     return out
 
-  return jax.jit(eval_step)
+  return jax.jit(eval_step, static_argnames=('batch_size', 'padded_size', 'batch_sharding'))
 
 
-def evaluate(eval_step, variables, images: jax.Array, labels: jax.Array, *, batch_size: int, key: jax.Array,
-             limit: int | None = None) -> dict[str, float]:
-  """Runs ``eval_step`` over the first ``limit`` examples (all if None) in fixed-size padded batches.
+def evaluate(eval_step, variables, images, labels, *, batch_size: int, key: jax.Array, limit: int | None = None,
+             mesh=None) -> dict[str, float]:
+  """Runs ``eval_step`` (:func:`make_eval_step`) over the first ``limit`` examples (all if None) in fixed-size,
+  padded and masked batches, data-parallel over the mesh the data lives on.
+
+  ``images``/``labels`` are best device arrays replicated over a mesh (as training keeps them): each batch is then
+  split over that mesh: the batches are those of one device, each padded (masked) to a multiple of the device
+  count, so the results do not depend on the device count beyond float rounding. Host (numpy) arrays are
+  first placed, replicated, on ``mesh`` (default: every device); arrays on one device are evaluated there. Sums
+  accumulate on the devices; the host reads them once, at the end.
 
   Returns ``loss`` (mean CE), ``acc`` and, if computed, ``pgd_acc`` (over the clean-correct examples) and the raw
   counts.
   """
+  if not isinstance(images, jax.Array) or not isinstance(labels, jax.Array):
+    rep = sharding.replicated(mesh if mesh is not None else sharding.make_mesh())
+    images, labels = jax.device_put((np.asarray(images), np.asarray(labels, np.int32)), rep)
+  data_mesh = images.sharding.mesh if isinstance(images.sharding, jax.sharding.NamedSharding) else None
+  batch_spec, padded = None, batch_size
+  if data_mesh is not None and data_mesh.size > 1:
+    padded = sharding.round_up(batch_size, data_mesh)
+    batch_spec = sharding.batch_sharding(data_mesh)
   n = images.shape[0] if limit is None else min(limit, images.shape[0])
-  totals: dict[str, Any] = {}
-  for b, start in enumerate(range(0, n, batch_size)):
-    stop = min(start + batch_size, n)
-    idx = np.arange(start, start + batch_size) % images.shape[0]  # pad by wrapping; masked out below
-    mask = np.arange(start, start + batch_size) < stop
-    out = eval_step(variables, images[idx], labels[idx], jnp.asarray(mask), jax.random.fold_in(key, b))
-    totals = out if not totals else jax.tree.map(jnp.add, totals, out)
+  window = sharding.DispatchWindow()
+  totals = None
+  for start in range(0, n, batch_size):
+    out = eval_step(variables, images, labels, np.int32(start), np.int32(n), key, batch_size=batch_size,
+                    padded_size=padded, batch_sharding=batch_spec)
+    totals = out if totals is None else add_metrics(totals, out)
+    window.push(totals)
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
   result = {'loss': totals['loss_sum'] / totals['count'], 'acc': totals['correct'] / totals['count'],
             'count': int(totals['count'])}

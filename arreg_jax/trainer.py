@@ -32,7 +32,7 @@ from arreg_jax import checkpoint, config_json, configuration, distributed, model
 from arreg_jax import sweep as sweep_lib
 from arreg_jax.analysis import margin_tracking
 from arreg_jax.data import get_dataset
-from arreg_jax.errors import ConfigError, DivergenceError
+from arreg_jax.errors import ConfigError, DivergenceError, OutputError
 from arreg_jax.metrics_writer import MetricsWriter
 
 
@@ -170,26 +170,13 @@ def build_run(config, strength: float, ds, data: DeviceData, mesh, run_dir: str)
 
 
 def train_epoch(run: Run, data: DeviceData, epoch: int, writer: MetricsWriter) -> dict[str, float]:
-  """Runs one epoch's compiled calls on ``run.state``; returns the epoch's metric sums (one host sync, at the end).
-
-  When an in-epoch progress line is due (checked between dispatches, no sync), the host waits for the call before
-  the one just dispatched — one call stays queued, so the device never idles — and reports the steps done.
-  """
+  """Runs one epoch's compiled calls on ``run.state`` (:func:`train.run_epoch`, with in-epoch progress lines when
+  they are due); returns the epoch's metric sums. Clips the spectra after the epoch's last step when configured."""
   batch = run.config.train.batch_size
-  perm = run.permutation(epoch)
-  sums = None
-  pending = []  # (steps done after the call, its metrics), newest last
-  done = 0
-  for k in run.calls:
-    run.state, m = run.multi_steps[k](run.state, data.train_images, data.train_labels, perm)
-    sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-    done += k
-    pending = pending[-1:] + [(done, m)]
-    if len(pending) == 2 and done < run.steps_per_epoch and writer.progress_due():
-      finished, metrics = pending[0]
-      jax.block_until_ready(metrics)
-      writer.progress(epoch, finished, run.steps_per_epoch, finished * batch)
-  sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+  run.state, sums = train.run_epoch(
+      run.multi_steps, run.calls, run.state, data.train_images, data.train_labels, run.permutation(epoch),
+      progress=lambda done: writer.progress(epoch, done, run.steps_per_epoch, done * batch),
+      progress_due=writer.progress_due)
   if run.clip is not None and epoch % run.config.spectral.every_epochs == 0:
     run.state = run.state.replace(params=run.clip(run.state.params))  # after the epoch's last step (appendix D.3)
   return sums
@@ -276,8 +263,13 @@ def train_member(config, member: sweep_lib.Member, ds, data: DeviceData, mesh, r
       if epoch % config.eval.every_epochs == 0 or epoch == config.train.epochs:
         row.update(evaluate_epoch(run, data, ds.num_test))
       row['epoch_time_s'] = time.time() - t0
-      writer.write_epoch(row)
-      run.ckpt.save(epoch, run.state)
+      writer.record_epoch(row)
+      try:
+        run.ckpt.save(epoch, run.state)
+      except OutputError:
+        writer.rollback(epoch - 1)  # metrics.jsonl back to the epochs that have a checkpoint
+        raise
+      writer.print_epoch(row)
     final = final_evaluation(run, data)
     rundir.write_json(os.path.join(run_dir, rundir.FINAL), final)
     writer.write_final(final['row'], config.train.epochs)
@@ -314,8 +306,7 @@ def _margin_tracker(config, module, ds, mesh, run_dir: str):
 
 def check_sizes(config, ds, mesh) -> None:
   """Raises ConfigError when the batch sizes do not fit the data or the devices."""
-  sharding.check_divisible(config.train.batch_size, mesh, 'config.train.batch_size')
-  sharding.check_divisible(config.eval.batch_size, mesh, 'config.eval.batch_size')
+  sharding.check_divisible(config.train.batch_size, mesh, 'config.train.batch_size')  # only fails on several hosts
   n = ds.train_images.shape[0]
   if config.train.batch_size > n:
     raise ConfigError(f'config.train.batch_size = {config.train.batch_size} exceeds the {n} training examples of '
@@ -350,12 +341,13 @@ def train_sweep(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
   and the work directory have been checked.
   """
   configuration.validate(config)
-  mesh = mesh or sharding.make_mesh()
+  mesh = mesh or sharding.make_mesh(sharding.data_parallel_devices(config.train.batch_size))
   check_sweep_dir(workdir, config)
   ds = get_dataset(config.data)
   check_sizes(config, ds, mesh)
-  logging.info('%s: %d train / %d test examples, %d classes, image %s; %d device(s)', ds.name,
-               ds.train_images.shape[0], ds.test_images.shape[0], ds.num_classes, ds.image_shape, mesh.size)
+  logging.info('%s: %d train / %d test examples, %d classes, image %s; %d of %d device(s)', ds.name,
+               ds.train_images.shape[0], ds.test_images.shape[0], ds.num_classes, ds.image_shape, mesh.size,
+               jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   rundir.write_json(os.path.join(workdir, rundir.CONFIG), config_json.to_dict(config))
   data = DeviceData(ds, mesh)

@@ -97,19 +97,34 @@ def test_a_stale_partial_checkpoint_write_is_ignored(finished, tmp_path):
   assert json.load(open(w / 'ar0.1' / 'final.json'))['row'] == json.load(open(finished / 'ar0.1' / 'final.json'))['row']
 
 
-def test_a_full_disk_leaves_every_previous_file_intact(finished, tmp_path):
-  """RLIMIT_FSIZE (it holds for root too) makes the big writes fail: the checkpoint of the resumed epoch and
-  the analysis files. Every file of the workdir stays as it was, and one line says what failed."""
+def _limit_file_size():
+  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # it holds for root too
+
+
+def test_a_full_disk_during_training_leaves_every_previous_file_intact(finished, tmp_path):
+  """A run killed after its checkpoint of epoch 2 resumes on a full disk: the checkpoint of epoch 3 cannot be
+  written. One line says so; every file of the workdir is as it was (metrics.jsonl rolled back to epoch 2)."""
   w = _copy(finished, tmp_path, unfinish=True)
   shutil.rmtree(w / 'ar0.1' / 'checkpoints' / '3')
+  metrics = w / 'ar0.1' / 'metrics.jsonl'
+  metrics.write_text(''.join(metrics.read_text().splitlines(keepends=True)[:2]))
   before = _tree(w)
-  limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-  line = _one_clear_line(_main(w, *ARGS, preexec_fn=limit))
-  assert 'could not write' in line and 'intact' in line, line
+  line = _one_clear_line(_main(w, *ARGS, preexec_fn=_limit_file_size))
+  assert 'could not write the checkpoint of epoch 3' in line and 'intact' in line, line
   after = _tree(w)
   assert {k: v for k, v in after.items() if k in before} == before  # nothing earlier changed
-  assert not [k for k in after if k not in before and not k.startswith('ar0.1/checkpoints/')
-              and 'tensorboard' not in k], sorted(set(after) - set(before))
+  new = [k for k in after if k not in before and 'orbax-checkpoint-tmp' not in k and 'tensorboard' not in k]
+  assert not new, new
+
+
+def test_a_full_disk_during_the_analysis_leaves_every_previous_file_intact(finished, tmp_path):
+  w = _copy(finished, tmp_path)
+  before = _tree(w)
+  cmd = [sys.executable, '-m', 'arreg_jax.analyze', '--workdir', str(w)]
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+  line = _one_clear_line(r)
+  assert 'could not write' in line and 'per_example.npz' in line, line
+  assert _tree(w) == before
 
 
 BAD_INPUTS = [

@@ -35,8 +35,9 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
     kernel: jitted ``kernel(variables, images, labels, mask, *extra)``; outputs have a leading batch axis.
     variables: model variables (replicated over the mesh here).
     images: host uint8 ``(N, H, W, C)``; labels: host int ``(N,)``.
-    batch_size: the most examples per call; must be divisible by the number of devices of ``mesh`` (the batch
-      actually used is :func:`even_batch`, so a split is covered with the least padding).
+    batch_size: the most examples per call, rounded down to a multiple of the number of devices of ``mesh`` (at
+      least one per device); the batch actually used is :func:`even_batch`, so a split is covered with the least
+      padding.
     mesh: a mesh from :func:`arreg_jax.sharding.make_mesh`.
     limit: analyse only the first ``limit`` examples.
     extra: further (replicated) arguments passed to the kernel after ``mask`` (e.g. a traced ε).
@@ -44,7 +45,7 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
   Returns:
     ``{name: numpy array with leading axis n}`` with ``n = min(limit, N)``.
   """
-  sharding.check_divisible(batch_size, mesh, 'the analysis batch size (config.eval / config.train batch_size)')
+  batch_size = max(int(batch_size) // mesh.size, 1) * mesh.size  # a multiple of the device count
   n_total = images.shape[0]
   n = n_total if limit is None else min(int(limit), n_total)
   if n == 0:
@@ -56,10 +57,11 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
   extra = jax.device_put(extra, rep)
   labels = np.asarray(labels, np.int32)
   outs: list[dict[str, jax.Array]] = []
+  window = sharding.DispatchWindow()  # never 32 programs in flight (arreg_jax.sharding)
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n_total
     mask = np.arange(start, start + batch_size) < n
     x, y, m = jax.device_put((images[idx], labels[idx], mask), data)
-    outs.append(kernel(variables, x, y, m, *extra))
+    outs.append(window.push(kernel(variables, x, y, m, *extra)))
   outs = sharding.to_host(outs)
   return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}

@@ -1,0 +1,77 @@
+"""One XLA:CPU device per core: data parallelism over the cores of a CPU-only host.
+
+XLA:CPU shows a host as a single device by default, and its intra-op threads barely use a second core on the small
+convolutions of these models; split into one device per core, the batch is sharded over the cores like over
+accelerators (:mod:`arreg_jax.sharding`). :func:`use_every_cpu_core` does that before JAX starts its backend:
+
+    from arreg_jax import host_devices
+    host_devices.use_every_cpu_core()          # or use_every_cpu_core(4); then use JAX as usual
+
+It appends ``--xla_force_host_platform_device_count=N`` to ``XLA_FLAGS``, which only affects the CPU platform, and
+does nothing when the user already set that flag, when ``JAX_PLATFORMS`` names another platform first, when a
+GPU/TPU plugin is installed (its devices are then the ones to use) or when the backend has already started (the
+device count is fixed then). ``python -m arreg_jax.main --cpu_devices=auto|N`` and ``python -m arreg_jax.analyze``
+call it at start-up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pkgutil
+
+from absl import logging
+
+FLAG = '--xla_force_host_platform_device_count'
+_ACCELERATOR_MODULES = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin', 'jax_rocm7_plugin')
+
+
+def cpu_cores() -> int:
+  """The cores this process may run on (its CPU affinity, which containers and ``taskset`` restrict)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def _accelerator_reason() -> str | None:
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    first = platforms.split(',')[0].strip().lower()
+    return None if first == 'cpu' else f'JAX_PLATFORMS={platforms}'
+  for name in _ACCELERATOR_MODULES:
+    if importlib.util.find_spec(name) is not None:
+      return f'{name} is installed'
+  try:
+    import jax_plugins  # pylint: disable=g-import-not-at-top  (the namespace package of PJRT plugins)
+    plugins = [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+  except ImportError:
+    plugins = []
+  return f'the PJRT plugin {plugins[0]} is installed' if plugins else None
+
+
+def use_every_cpu_core(num_devices: int | str = 'auto') -> int | None:
+  """Gives XLA:CPU ``num_devices`` devices (``'auto'``: one per core) if JAX will run on the CPU.
+
+  Call it before the first JAX computation (``import jax`` alone is fine). Returns the device count it set, or
+  None when it changed nothing: ``XLA_FLAGS`` already holds ``--xla_force_host_platform_device_count``, JAX will run
+  on an accelerator (``JAX_PLATFORMS`` names one first, or a CUDA/ROCm/TPU plugin is installed), or the backend has
+  already started. ``num_devices`` is ``'auto'`` or an integer ≥ 1 (1: XLA's default of one device).
+  """
+  if num_devices != 'auto' and (isinstance(num_devices, bool) or not isinstance(num_devices, int)
+                                or num_devices < 1):
+    raise ValueError(f"num_devices must be 'auto' or an integer >= 1, got {num_devices!r}")
+  xla_flags = os.environ.get('XLA_FLAGS', '')
+  if FLAG in xla_flags:
+    return None
+  reason = _accelerator_reason()
+  if reason:
+    logging.info('use_every_cpu_core: not splitting the CPU into devices (%s)', reason)
+    return None
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    logging.warning('use_every_cpu_core: the JAX backend has already started; the CPU device count stays as it is')
+    return None
+  n = cpu_cores() if num_devices == 'auto' else int(num_devices)
+  os.environ['XLA_FLAGS'] = f'{xla_flags} {FLAG}={n}'.strip()
+  return n

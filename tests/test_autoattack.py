@@ -111,9 +111,8 @@ GEOMETRY = {
     'apgd_ce_linf': lambda f, x, y, k, e: attacks.apgd(f, x, y, k, eps=e, steps=10),
     'apgd_dlr_l2': lambda f, x, y, k, e: attacks.apgd(f, x, y, k, eps=10 * e, steps=10, norm='l2', loss='dlr',
                                                       restarts=2),
-    'apgd_t_linf': lambda f, x, y, k, e: attacks.apgd(f, x, y, k, eps=e, steps=10, loss='dlr_targeted',
-                                                      n_targets=2),
     'square': lambda f, x, y, k, e: attacks.square(f, x, y, k, eps=e, queries=50),
+    # APGD-CE then APGD-T (2 targets): also the targeted attack's geometry.
     'autoattack_fast': lambda f, x, y, k, e: attacks.autoattack(f, x, y, k, eps=e, steps=10, n_targets=2,
                                                                 version='fast'),
 }

@@ -1,4 +1,4 @@
-"""PyTorch twins of arreg_jax's CIFAR ResNet-56 (Fixup, no BatchNorm) and WRN-50-2, for the benchmarks.
+"""PyTorch twins of arreg_jax's CIFAR ResNet-20/56/110 (Fixup, no BatchNorm) and WRN-50-2, for the benchmarks.
 
 Same architecture, NCHW layout, weights copied from the Flax parameters (``load_flax``):
   * convolution kernels HWIO → OIHW, Dense kernels (in, out) → Linear weights (out, in);
@@ -210,9 +210,10 @@ def _copy_bn(m: nn.BatchNorm2d, p: Mapping[str, Any], s: Mapping[str, Any]) -> N
 
 
 def build(name: str, num_classes: int, variables: Mapping[str, Any]) -> nn.Module:
-  """The twin of arreg_jax model ``name`` ('resnet56' or 'wrn50_2') with ``variables`` copied in, eval mode."""
-  if name == 'resnet56':
-    model = CifarResNet(56, num_classes).load_flax(variables['params'])
+  """The twin of arreg_jax model ``name`` ('resnet20', 'resnet56', 'resnet110' or 'wrn50_2') with ``variables``
+  copied in, eval mode."""
+  if name in ('resnet20', 'resnet56', 'resnet110'):
+    model = CifarResNet(int(name[6:]), num_classes).load_flax(variables['params'])
   elif name == 'wrn50_2':
     model = WideResNet50(num_classes).load_flax(variables['params'], variables['batch_stats'])
   else:

@@ -19,6 +19,8 @@ from arreg_jax.data import DATASETS, SOURCES
 from arreg_jax.errors import ConfigError
 
 ATTACKS = ('pgd', 'fgsm', 'none')
+# arreg_jax.attacks.evaluation.attack_fn's names that a run's robustness evaluation can use.
+ROBUSTNESS_ATTACKS = ('fgsm', 'pgd10', 'pgd100', 'apgd_ce', 'apgd_dlr', 'apgd_t', 'square')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -78,6 +80,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.pgd_steps = 10
   c.eval.pgd_examples_per_epoch = ml_collections.FieldReference(1000, field_type=int)  # None = whole test set
   c.eval.every_epochs = 1
+  # Robust accuracy of the final models, run with the analysis (arreg_jax.analysis.robustness): first `examples`
+  # test examples (None = all), ε = `eps` (None = pgd_eps), 'autoattack' when apgd_ce, apgd_t and square all run;
+  # "Is the robustness real?" adds PGD-10 at ε × eps_grid_rel (capped at 1). Changes nothing that is trained.
+  c.eval.robustness = ml_collections.ConfigDict()
+  c.eval.robustness.enabled = True
+  c.eval.robustness.attacks = ('fgsm', 'pgd10', 'pgd100', 'apgd_ce', 'apgd_t', 'square')
+  c.eval.robustness.examples = config_dict.placeholder(int)
+  c.eval.robustness.eps = config_dict.placeholder(float)
+  c.eval.robustness.n_targets = 9        # APGD-T target classes
+  c.eval.robustness.square_queries = 5000
+  c.eval.robustness.eps_grid_rel = (0.5, 1.0, 2.0, 4.0, 8.0)
+  c.eval.robustness.check_examples = 256
+  c.eval.robustness.batch_size = config_dict.placeholder(int)  # None = train.batch_size
 
   # Spectral clipping (appendix B.4.2, D.3; Sedghi et al. 2019): after the last step of every `every_epochs`-th
   # epoch, every conv/dense layer's singular values are clipped at `clip_to` (None: uncontrolled), `rounds`
@@ -142,9 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.loss_variation_examples = ml_collections.FieldReference(256, field_type=int)
   c.analysis.loss_variation_steps = 4
   c.analysis.loss_variation_step_rel = 0.5
-  # Which examples: 'test' (the main paper, B.5) or 'train_correct' — the correctly classified training examples,
-  # the maximum restricted to perturbed points still classified correctly (draft 003, Fig. 3: "maximal loss
-  # variation within a covering ball"). The first loss_variation_examples of the split are taken before filtering.
+  # Which examples: 'test' (B.5) or 'train_correct' — the correctly classified training examples, the maximum over
+  # perturbed points still classified correctly (draft 003, Fig. 3), among the first loss_variation_examples.
   c.analysis.loss_variation_split = 'test'
   # v_min of Theorem 3.1 (arreg_jax.analysis.boundary): screen N training examples by their first-order distance
   # to the boundary, refine the K closest by bisection (rounds × L2 PGD steps).
@@ -166,7 +180,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 # Blocks that do not change what a run trains: a run resumes (and a finished run is reused) under new values of
 # these; any other difference from its saved config.json is refused.
-NON_TRAINING_BLOCKS = ('analysis', 'distributed', 'logging')
+NON_TRAINING_BLOCKS = ('analysis', 'distributed', 'logging', 'eval.robustness')
 
 
 def cifar_paper(dataset: str, model: str, attack: str = 'pgd') -> ml_collections.ConfigDict:
@@ -218,6 +232,10 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.eps_ramp_epochs = min(c.train.eps_ramp_epochs, 1.0)
   c.eval.batch_size = 64
   c.eval.pgd_examples_per_epoch = 64
+  c.eval.robustness.examples = 64
+  c.eval.robustness.n_targets = 2
+  c.eval.robustness.square_queries = 100
+  c.eval.robustness.check_examples = 64
   c.analysis.loss_variation_examples = 64
   c.analysis.loss_variation_steps = 3
   c.analysis.boundary_screen_examples = 64
@@ -293,6 +311,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(e.pgd_steps >= 1 and e.pgd_step_size >= 0, 'config.eval.pgd_steps must be >= 1 and pgd_step_size >= 0')
   need(e.batch_size >= 1, f'config.eval.batch_size must be >= 1, got {e.batch_size}')
   need(e.every_epochs >= 1, f'config.eval.every_epochs must be >= 1, got {e.every_epochs}')
+  rb = e.robustness
+  bad = [a for a in rb.attacks if a not in ROBUSTNESS_ATTACKS]
+  need(not bad, f'config.eval.robustness.attacks: unknown attack(s) {bad}; choose from {ROBUSTNESS_ATTACKS}')
+  for k in ('examples', 'eps', 'batch_size'):
+    need(rb[k] is None or rb[k] > 0, f'config.eval.robustness.{k} must be None or > 0, got {rb[k]}')
+  for k in ('n_targets', 'square_queries', 'check_examples'):
+    need(rb[k] >= 1, f'config.eval.robustness.{k} must be >= 1, got {rb[k]}')
+  need(rb.n_targets <= 9, f'config.eval.robustness.n_targets must be <= 9 (AutoAttack), got {rb.n_targets}')
+  need(all(v > 0 for v in rb.eps_grid_rel), 'config.eval.robustness.eps_grid_rel must list multiples of ε > 0')
   sp = c.spectral
   for v in list(sp.sweep) + [sp.clip_to]:
     need(v is None or (isinstance(v, (int, float)) and v > 0),

@@ -35,7 +35,8 @@ import numpy as np
 
 from arreg_jax import configuration, distributed, models, restore, rundir, sharding, train
 from arreg_jax import sweep as sweep_lib
-from arreg_jax.analysis import batching, boundary, bounds, distributions, margins, singular_values, smoothness
+from arreg_jax.analysis import batching, boundary, bounds, distributions, margins, robustness, singular_values
+from arreg_jax.analysis import smoothness
 from arreg_jax.errors import ConfigError
 
 ANALYSIS_VERSION = 1
@@ -65,9 +66,22 @@ def settings_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
       # screening) at the training batch size: the batch the training attack runs at, efficient on this device.
       'batch_size': int(config.eval.batch_size),
       'attack_batch_size': int(config.train.batch_size),
+      'robustness': robustness_settings(config),
   }
-
   return s
+
+
+def robustness_settings(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """``config.eval.robustness`` resolved to absolute values (None when it is off)."""
+  r = config.eval.robustness
+  if not r.enabled:
+    return None
+  eps = float(r.eps if r.eps is not None else config.eval.pgd_eps)
+  return {'attacks': [str(a) for a in r.attacks], 'eps': eps, 'examples': r.examples,
+          'n_targets': int(r.n_targets), 'square_queries': int(r.square_queries),
+          'eps_grid': sorted({min(float(v) * eps, 1.0) for v in r.eps_grid_rel}),
+          'check_examples': int(r.check_examples),
+          'batch_size': int(r.batch_size if r.batch_size is not None else config.train.batch_size)}
 
 
 def _summary_size(ds, s) -> int:
@@ -225,6 +239,13 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
            'eps': float(config.eval.pgd_eps), 'steps': int(config.eval.pgd_steps)}
     timing['pgd_s'] = time.time() - t
 
+  robust = None
+  if s['robustness'] is not None:
+    t = time.time()
+    robust = robustness.evaluate(module, variables, ds.test_images, ds.test_labels, settings=s['robustness'],
+                                 augment_kind=ds.augment, key=jax.random.key(config.seed + 1), mesh=mesh)
+    timing['robustness_s'] = time.time() - t
+
   t = time.time()
   bnd = _boundary(module, variables, ds, s, mesh)
   terms = _bound_terms(variables, layers, bnd['v_min'], train_sum['margin']['quantiles']['q50'], config, strength,
@@ -245,6 +266,7 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
       'singular_values': {'layers': layers, 'log_spectral_complexity': log_sc},
       'loss_variation': lv_rows,
       'boundary': bnd,
+      'robustness': robust,
       'bound': terms,
       'timing': timing,
   }
@@ -252,6 +274,8 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
     return rundir.json_safe(result)
   rundir.write_npz(os.path.join(run_dir, rundir.PER_EXAMPLE), arrays)
   rundir.write_json(out_path, result, safe=True)
+  if robust is not None:  # final.json carries the final model's robust accuracies too
+    rundir.write_json(os.path.join(run_dir, rundir.FINAL), {**final, 'robustness': robust}, safe=True)
   return rundir.read_json(out_path)
 
 
@@ -276,4 +300,20 @@ def analyze_sweep(workdir: str, *, reuse: bool = False, mesh=None) -> dict:
     if distributed.is_main_process():
       print(f'[analysis] {run.name}: {time.time() - t:.1f} s', flush=True)
     done.append(run.name)
+  _add_robustness_to_summary(workdir)
   return {'runs': done, 'analysis_s': time.time() - t0}
+
+
+def _add_robustness_to_summary(workdir: str) -> None:
+  """Adds each run's robust accuracies (%) to its row of ``summary.json`` (rows are matched by run name)."""
+  path = os.path.join(workdir, rundir.SUMMARY)
+  if not os.path.exists(path) or not distributed.is_main_process():
+    return
+  summary = rundir.read_json(path)
+  for row in summary.get('rows', []):
+    a_path = os.path.join(workdir, str(row.get('run')), rundir.ANALYSIS)
+    robust = rundir.read_json(a_path).get('robustness') if os.path.exists(a_path) else None
+    if robust:
+      row['robust_acc'] = {k: 100 * v for k, v in robust['accuracy'].items()}
+      row['robust_eps'] = robust['eps']
+  rundir.write_json(path, summary)

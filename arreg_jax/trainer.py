@@ -60,22 +60,20 @@ def final_row(strength: float, final: dict) -> dict:
   }
 
 
+def _training_key(dotted: str) -> bool:
+  return not any(dotted == b or dotted.startswith(b + '.') for b in configuration.NON_TRAINING_BLOCKS)
+
+
 def config_differences(saved: dict, requested: dict) -> list[str]:
-  """The top-level keys in which two run configs differ, outside the blocks that do not change training."""
-  return sorted(k for k in set(saved) | set(requested)
-                if k not in configuration.NON_TRAINING_BLOCKS and saved.get(k) != requested.get(k))
-
-
-def _flat_differences(saved: dict, requested: dict) -> list[str]:
+  """The dotted keys in which two run configs differ, outside the blocks that do not change training."""
   a, b = config_json.flatten(saved), config_json.flatten(requested)
-  return sorted(k for k in set(a) | set(b)
-                if k.split('.')[0] not in configuration.NON_TRAINING_BLOCKS and a.get(k) != b.get(k))
+  return sorted(k for k in set(a) | set(b) if _training_key(k) and a.get(k) != b.get(k))
 
 
 def check_same_training(run_dir: str, saved: dict, requested: dict) -> None:
   """Raises ConfigError when ``run_dir``'s saved config differs from ``requested`` in what it trains."""
-  if config_differences(saved, requested):
-    keys = _flat_differences(saved, requested) or config_differences(saved, requested)
+  keys = config_differences(saved, requested)
+  if keys:
     state = 'a finished' if rundir.is_finished(run_dir) else 'an unfinished'
     shown = ', '.join(keys[:8]) + (f' and {len(keys) - 8} more' if len(keys) > 8 else '')
     raise ConfigError(f'{run_dir} holds {state} run with a different config (differs in: {shown}); run it with its '
@@ -322,7 +320,7 @@ def check_sweep_dir(workdir: str, config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'--workdir {workdir} is an existing file, not a directory; choose another --workdir')
   cfg_path = os.path.join(workdir, rundir.CONFIG)
   if os.path.exists(cfg_path):  # the sweep dimensions may grow: members are checked one by one below
-    keys = [k for k in _flat_differences(rundir.read_json(cfg_path), config_json.to_dict(config))
+    keys = [k for k in config_differences(rundir.read_json(cfg_path), config_json.to_dict(config))
             if k not in SWEEP_KEYS]
     if keys:
       raise ConfigError(f'{workdir} holds a sweep with a different config (differs in: {", ".join(keys[:8])}); '

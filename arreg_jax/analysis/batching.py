@@ -28,7 +28,8 @@ def even_batch(n: int, max_batch: int, devices: int = 1) -> int:
 
 
 def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
-                mesh: jax.sharding.Mesh, limit: int | None = None, extra: tuple = ()) -> dict[str, np.ndarray]:
+                mesh: jax.sharding.Mesh, limit: int | None = None, extra: tuple = (),
+                batch_key: jax.Array | None = None) -> dict[str, np.ndarray]:
   """Applies ``kernel`` to the first ``limit`` examples (all if None) and concatenates its per-example outputs.
 
   Args:
@@ -41,6 +42,7 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
     mesh: a mesh from :func:`arreg_jax.sharding.make_mesh`.
     limit: analyse only the first ``limit`` examples.
     extra: further (replicated) arguments passed to the kernel after ``mask`` (e.g. a traced ε).
+    batch_key: if given, the kernel gets ``fold_in(batch_key, batch index)`` after ``mask`` (before ``extra``).
 
   Returns:
     ``{name: numpy array with leading axis n}`` with ``n = min(limit, N)``.
@@ -62,6 +64,7 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
     idx = np.arange(start, start + batch_size) % n_total
     mask = np.arange(start, start + batch_size) < n
     x, y, m = jax.device_put((images[idx], labels[idx], mask), data)
-    outs.append(window.push(kernel(variables, x, y, m, *extra)))
+    keys = () if batch_key is None else (jax.device_put(jax.random.fold_in(batch_key, start // batch_size), rep),)
+    outs.append(window.push(kernel(variables, x, y, m, *keys, *extra)))
   outs = sharding.to_host(outs)
   return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}

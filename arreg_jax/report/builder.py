@@ -20,6 +20,7 @@ from arreg_jax.report import margin_evolution
 from arreg_jax.report import spectral_norm_table
 from arreg_jax.report import paper as paper_lib
 from arreg_jax.report import plotting
+from arreg_jax.report import robustness_section
 from arreg_jax.report import tables
 
 FIGURES = {
@@ -115,6 +116,7 @@ def write_report(workdir: str, *, analysis_seconds: float | None = None) -> dict
 
   md = _markdown(workdir, group, records, claim_list, exp, meta, paths, missing, not_analysed, group_clip,
                  analysis_seconds, loaded)
+  md += '\n' + robustness_section.section([g['analysis'] for g in group])
   md += '\n' + spectral_norm_table.section([g['record'] for g in group], a0.get('paper'), a0.get('model'),
                                  a0['test'].get('eps'))
   md += '\n' + margin_evolution.section(workdir, fig_dir, meta.title)

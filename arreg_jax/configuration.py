@@ -232,10 +232,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.eps_ramp_epochs = min(c.train.eps_ramp_epochs, 1.0)
   c.eval.batch_size = 64
   c.eval.pgd_examples_per_epoch = 64
-  c.eval.robustness.examples = 64
-  c.eval.robustness.n_targets = 2
-  c.eval.robustness.square_queries = 100
-  c.eval.robustness.check_examples = 64
+  c.eval.robustness.examples, c.eval.robustness.check_examples = 32, 32
+  c.eval.robustness.n_targets, c.eval.robustness.square_queries = 1, 50
   c.analysis.loss_variation_examples = 64
   c.analysis.loss_variation_steps = 3
   c.analysis.boundary_screen_examples = 64

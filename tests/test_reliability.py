@@ -4,7 +4,6 @@ and a table of bad inputs that must each give one clear line, exit status 2, and
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -16,9 +15,11 @@ ARGS = ['--config', 'configs/mnist.py:smoke', '--config.sweep=(0.1,)', '--config
         '--config.analysis.enabled=False']
 
 
-def _main(workdir, *args, preexec_fn=None, timeout=300):
-  cmd = [sys.executable, '-m', 'arreg_jax.main', '--workdir', str(workdir), *args]
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+def _main(workdir, *args, fsize_limit=False, timeout=300, module='arreg_jax.main'):
+  cmd = [sys.executable, '-m', module, '--workdir', str(workdir), *args]
+  if fsize_limit:  # a full disk: RLIMIT_FSIZE of 4 KiB (it holds for root too), set by the shell, not by a fork
+    cmd = ['bash', '-c', 'ulimit -f 4 && exec "$@"', 'bash', *cmd]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def _tree(root) -> dict[str, str]:
@@ -97,10 +98,6 @@ def test_a_stale_partial_checkpoint_write_is_ignored(finished, tmp_path):
   assert json.load(open(w / 'ar0.1' / 'final.json'))['row'] == json.load(open(finished / 'ar0.1' / 'final.json'))['row']
 
 
-def _limit_file_size():
-  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # it holds for root too
-
-
 def test_a_full_disk_during_training_leaves_every_previous_file_intact(finished, tmp_path):
   """A run killed after its checkpoint of epoch 2 resumes on a full disk: the checkpoint of epoch 3 cannot be
   written. One line says so; every file of the workdir is as it was (metrics.jsonl rolled back to epoch 2)."""
@@ -109,7 +106,7 @@ def test_a_full_disk_during_training_leaves_every_previous_file_intact(finished,
   metrics = w / 'ar0.1' / 'metrics.jsonl'
   metrics.write_text(''.join(metrics.read_text().splitlines(keepends=True)[:2]))
   before = _tree(w)
-  line = _one_clear_line(_main(w, *ARGS, preexec_fn=_limit_file_size))
+  line = _one_clear_line(_main(w, *ARGS, fsize_limit=True))
   assert 'could not write the checkpoint of epoch 3' in line and 'intact' in line, line
   after = _tree(w)
   assert {k: v for k, v in after.items() if k in before} == before  # nothing earlier changed
@@ -120,9 +117,7 @@ def test_a_full_disk_during_training_leaves_every_previous_file_intact(finished,
 def test_a_full_disk_during_the_analysis_leaves_every_previous_file_intact(finished, tmp_path):
   w = _copy(finished, tmp_path)
   before = _tree(w)
-  cmd = [sys.executable, '-m', 'arreg_jax.analyze', '--workdir', str(w)]
-  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
-  line = _one_clear_line(r)
+  line = _one_clear_line(_main(w, fsize_limit=True, module='arreg_jax.analyze'))
   assert 'could not write' in line and 'per_example.npz' in line, line
   assert _tree(w) == before
 

@@ -1,11 +1,31 @@
-"""What the two command-line entry points (``main``, ``analyze``) share: one-line errors and quiet logs."""
+"""What the two command-line entry points (``main``, ``analyze``) share: one-line errors, quiet logs, and the
+command-line parser of the config's int-or-'auto' field."""
 
 from __future__ import annotations
 
 import os
 import sys
 
+from absl import flags
 from absl import logging
+from ml_collections import config_flags
+
+
+class _IntOrAutoParser(flags.ArgumentParser):
+  """``--config.train.microbatches=auto|N``: the one ``object``-typed field of the
+  config schema (an int or 'auto'; ``arreg_jax.configuration``)."""
+
+  def parse(self, argument):
+    text = str(argument).strip().lower()
+    if text == 'auto':
+      return 'auto'
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError(f"expected 'auto' or an integer, got {argument!r}") from None
+
+
+config_flags.register_flag_parser_for_type(object, _IntOrAutoParser())
 
 
 def fail(message: str) -> None:

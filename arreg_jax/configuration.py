@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr_decay = 0.1
   c.train.eps_ramp_epochs = 0.0       # ramp the attack's ε linearly from 0 over this many epochs
   c.train.steps_per_call = 1          # training steps per host dispatch (a lax.scan inside one program)
+  # Gradient accumulation inside the step (arreg_jax.train): the batch is split into k equal microbatches, each
+  # attacked and differentiated in turn (a lax.scan), one optimizer update per batch. An int k >= 1 dividing
+  # batch_size, or 'auto': the smallest k whose compiled step fits the device memory (arreg_jax.memory_plan).
+  c.train.microbatches = ml_collections.FieldReference(1, field_type=object)
 
   # The training attack. AR strength s (an entry of `sweep`) means ε = s × strength_unit.
   c.attack = ml_collections.ConfigDict()
@@ -285,6 +289,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(0 <= t.momentum < 1, f'config.train.momentum must be in [0, 1), got {t.momentum}')
   need(t.weight_decay >= 0, f'config.train.weight_decay must be >= 0, got {t.weight_decay}')
   need(t.steps_per_call >= 1, f'config.train.steps_per_call must be >= 1, got {t.steps_per_call}')
+  check_microbatches(t.microbatches, t.batch_size)
   need(c.precision in ('float32', 'bfloat16'),
        f"config.precision must be 'float32' or 'bfloat16', got {c.precision!r}")
   need(t.eps_ramp_epochs >= 0, f'config.train.eps_ramp_epochs must be >= 0, got {t.eps_ramp_epochs}')
@@ -369,6 +374,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(m.max_examples is None or m.max_examples >= 1, 'config.margins.max_examples must be None or >= 1')
   need(all(isinstance(e, int) and e >= 1 for e in m.hist_epochs),
        f'config.margins.hist_epochs must list epochs >= 1, got {tuple(m.hist_epochs)}')
+
+
+def divisors(n: int) -> list[int]:
+  return [k for k in range(1, int(n) + 1) if n % k == 0]
+
+
+def check_microbatches(k, batch_size: int) -> None:
+  """Raises ConfigError unless ``k`` is 'auto' or an int >= 1 that divides ``batch_size`` (the device count is
+  checked once the devices are known: ``arreg_jax.trainer.check_sizes``)."""
+  if k == 'auto':
+    return
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"config.train.microbatches must be 'auto' or an integer >= 1, got {k!r}")
+  if batch_size % k:
+    shown = ', '.join(str(d) for d in divisors(batch_size) if d > 1)[:80]
+    raise ConfigError(f'config.train.microbatches = {k} does not divide config.train.batch_size = {batch_size}; '
+                      f'use a divisor of {batch_size} ({shown}), or change the batch size')
 
 
 def nullable(dotted: str) -> bool:

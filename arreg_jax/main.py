@@ -28,7 +28,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from arreg_jax import configuration, distributed, host_devices, sharding, sweep_analysis, trainer
+from arreg_jax import configuration, distributed, host_devices, sweep_analysis, trainer
 from arreg_jax.cli import fail, quiet_orbax
 from arreg_jax.errors import ArregError
 from arreg_jax.report import builder
@@ -46,8 +46,8 @@ _none_overrides: list[str] = []
 
 def run(config, workdir: str) -> dict:
   """Train → analyse → report for ``config`` in ``workdir``; returns the training summary."""
-  # Training shards each batch over the largest device count that divides it; evaluation pads its batches.
-  mesh = sharding.make_mesh(sharding.data_parallel_devices(config.train.batch_size))
+  # Training shards each (micro)batch over the largest device count that divides it; evaluation pads its batches.
+  mesh = trainer.training_mesh(config)
   summary = trainer.train_sweep(config, workdir, mesh=mesh)
   if config.analysis.enabled:
     analysis = sweep_analysis.analyze_sweep(workdir, reuse=True, mesh=mesh)

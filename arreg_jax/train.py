@@ -138,7 +138,8 @@ def update_loss(module: nn.Module, params, batch_stats, x, y, lam: float, gamma:
 
 
 def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config: ml_collections.ConfigDict,
-                    strength: float, augment_kind: str, steps_per_epoch: int, batch_sharding, base_key: jax.Array):
+                    strength: float, augment_kind: str, steps_per_epoch: int, batch_sharding, base_key: jax.Array,
+                    microbatches: int | None = None):
   """Returns the pure ``train_step(state, images, labels, batch_index) -> (state, metrics)``.
 
   ``images``/``labels`` are the whole device-resident training set (uint8 NHWC, int32); ``batch_index`` (int32,
@@ -147,17 +148,26 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
   (``loss_sum``, ``correct``, ``count``), measured on the examples trained on (adversarial ones when AR > 0);
   ``loss_sum`` is the cross-entropy part of the loss. With the margin regularizer on, ``margin_term_sum`` adds the
   batch sum of ``clip_[0,γ]`` of the feature-space margins (poster 004).
+
+  ``microbatches`` = k (default ``config.train.microbatches``, an int here: 'auto' is resolved by
+  :mod:`arreg_jax.memory_plan`) > 1 splits the batch into k consecutive microbatches of B/k, scanned in turn
+  (``lax.scan``): each is augmented and attacked with keys ``fold_in(·, i)`` of the step's keys and differentiated
+  on its own; the gradient applied is the mean of the k microbatch gradients (= the gradient of the batch's mean
+  loss), in ONE optimizer update. The attacks all run against the step's starting weights and running statistics.
+  BatchNorm normalizes with each microbatch's own statistics (as on k devices of a data-parallel run), and the
+  running averages are updated once per step with the mean of the k microbatches' updates — i.e. momentum applied
+  to the mean of the microbatch statistics — so they move as far per step as with k = 1. k = 1 is the unsplit
+  program.
   """
   attack = make_attack(config.attack, strength)
   reg = config.regularizer
   lam, gamma, beta = float(reg.margin_lambda), float(reg.margin_gamma), float(reg.ortho_beta)
   ramp_steps = int(round(config.train.eps_ramp_epochs * steps_per_epoch))
   attack_train_mode = config.attack.bn_mode == 'batch'
+  k = int(config.train.microbatches if microbatches is None else microbatches)
 
-  def train_step(state: TrainState, images, labels, batch_index):
-    chex.assert_type(images, jnp.uint8)
-    key = jax.random.fold_in(base_key, state.step)
-    k_aug, k_att = jax.random.split(key)
+  def grads_and_metrics(state: TrainState, images, labels, batch_index, k_aug, k_att):
+    """(gradient, new batch_stats, metric sums) of the update loss on the examples ``batch_index``."""
     x = jax.lax.with_sharding_constraint(images[batch_index], batch_sharding)
     y = jax.lax.with_sharding_constraint(labels[batch_index], batch_sharding)
     x = augment.preprocess(k_aug, x, kind=augment_kind, train=True)
@@ -168,9 +178,6 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
     loss_fn = lambda params: update_loss(module, params, state.batch_stats, x, y, lam, gamma, beta)
     (loss, (logits, new_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     loss = parts.get('ce', loss)  # the cross-entropy part of the loss
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
     metrics = {
         'loss_sum': loss * y.shape[0],
         'correct': jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.float32),
@@ -178,6 +185,32 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
     }
     if 'margin_term' in parts:
       metrics['margin_term_sum'] = parts['margin_term'] * y.shape[0]
+    return grads, new_stats, metrics
+
+  def accumulated(state: TrainState, images, labels, batch_index, k_aug, k_att):
+    """:func:`grads_and_metrics` over k microbatches (a scan): mean gradient, mean running statistics, summed
+    metrics."""
+    def body(grad_sum, row_i):
+      row, i = row_i
+      g, stats, m = grads_and_metrics(state, images, labels, row, jax.random.fold_in(k_aug, i),
+                                      jax.random.fold_in(k_att, i))
+      return jax.tree.map(jnp.add, grad_sum, g), (stats, m)
+
+    rows = (batch_index.reshape(k, -1), jnp.arange(k, dtype=jnp.int32))
+    grad_sum, (stats, metrics) = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, state.params), rows)
+    mean = lambda t: jax.tree.map(lambda a: jnp.mean(a, axis=0), t)
+    return (jax.tree.map(lambda g: g / k, grad_sum), mean(stats),
+            jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics))
+
+  def train_step(state: TrainState, images, labels, batch_index):
+    chex.assert_type(images, jnp.uint8)
+    key = jax.random.fold_in(base_key, state.step)
+    k_aug, k_att = jax.random.split(key)
+    grads_fn = grads_and_metrics if k == 1 else accumulated
+    grads, new_stats, metrics = grads_fn(state, images, labels, batch_index, k_aug, k_att)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
     return new_state, metrics
 
   return train_step
@@ -285,6 +318,17 @@ def make_eval_step(module: nn.Module, *, augment_kind: str, pgd_cfg: ml_collecti
   return jax.jit(eval_step, static_argnames=('batch_size', 'padded_size', 'batch_sharding'))
 
 
+def eval_layout(images: jax.Array, batch_size: int) -> dict:
+  """The static arguments of :func:`make_eval_step`'s step for device-resident ``images``: the batch padded to a
+  multiple of their mesh's device count and split over it (one device: unpadded, unsharded)."""
+  data_mesh = images.sharding.mesh if isinstance(images.sharding, jax.sharding.NamedSharding) else None
+  batch_spec, padded = None, batch_size
+  if data_mesh is not None and data_mesh.size > 1:
+    padded = sharding.round_up(batch_size, data_mesh)
+    batch_spec = sharding.batch_sharding(data_mesh)
+  return dict(batch_size=batch_size, padded_size=padded, batch_sharding=batch_spec)
+
+
 def evaluate(eval_step, variables, images, labels, *, batch_size: int, key: jax.Array, limit: int | None = None,
              mesh=None) -> dict[str, float]:
   """Runs ``eval_step`` (:func:`make_eval_step`) over the first ``limit`` examples (all if None) in fixed-size,
@@ -302,17 +346,12 @@ def evaluate(eval_step, variables, images, labels, *, batch_size: int, key: jax.
   if not isinstance(images, jax.Array) or not isinstance(labels, jax.Array):
     rep = sharding.replicated(mesh if mesh is not None else sharding.make_mesh())
     images, labels = jax.device_put((np.asarray(images), np.asarray(labels, np.int32)), rep)
-  data_mesh = images.sharding.mesh if isinstance(images.sharding, jax.sharding.NamedSharding) else None
-  batch_spec, padded = None, batch_size
-  if data_mesh is not None and data_mesh.size > 1:
-    padded = sharding.round_up(batch_size, data_mesh)
-    batch_spec = sharding.batch_sharding(data_mesh)
+  static = eval_layout(images, batch_size)
   n = images.shape[0] if limit is None else min(limit, images.shape[0])
   window = sharding.DispatchWindow()
   totals = None
   for start in range(0, n, batch_size):
-    out = eval_step(variables, images, labels, np.int32(start), np.int32(n), key, batch_size=batch_size,
-                    padded_size=padded, batch_sharding=batch_spec)
+    out = eval_step(variables, images, labels, np.int32(start), np.int32(n), key, **static)
     totals = out if totals is None else add_metrics(totals, out)
     window.push(totals)
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}

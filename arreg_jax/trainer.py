@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from arreg_jax import checkpoint, config_json, configuration, distributed, models, regularizers, rundir, sharding, spectral, train
+from arreg_jax import checkpoint, config_json, configuration, distributed, memory_plan, models, regularizers, rundir
+from arreg_jax import sharding, spectral, train
 from arreg_jax import sweep as sweep_lib
 from arreg_jax.analysis import margin_tracking
 from arreg_jax.data import get_dataset
@@ -145,7 +146,10 @@ def build_run(config, strength: float, ds, data: DeviceData, mesh, run_dir: str)
                                                          else [])
   step_kw = dict(config=config, strength=strength, augment_kind=ds.augment, steps_per_epoch=steps_per_epoch,
                  batch_size=batch, batch_sharding=sharding.batch_sharding(mesh), base_key=train_key)
-  multi_steps = {k: train.make_multi_step(module, tx, steps_per_call=k, **step_kw) for k in set(calls)}
+  make = lambda n, k: train.make_multi_step(module, tx, steps_per_call=n, microbatches=k, **step_kw)
+  micro, planned = memory_plan.plan_training(config, make, per_call, state, data.train_images, data.train_labels,
+                                             mesh, f'AR {strength:g}')
+  multi_steps = {n: planned if n == per_call else make(n, micro) for n in set(calls)}
   clip = None
   if config.spectral.clip_to is not None:
     specs = spectral.layer_specs(module, variables, (1, *ds.image_shape), train=False)
@@ -159,10 +163,13 @@ def build_run(config, strength: float, ds, data: DeviceData, mesh, run_dir: str)
                                        'steps': config.eval.pgd_steps})
   track = _margin_tracker(config, module, ds, mesh, run_dir) if config.margins.track else None
   ortho = jax.jit(regularizers.orthogonality_penalty) if (config.regularizer.ortho_beta or track) else None
+  eval_step = memory_plan.plan_evaluation(config, train.make_eval_step(module, augment_kind=ds.augment,
+                                                                       pgd_cfg=pgd_cfg),
+                                          state, data.test_images, data.test_labels, eval_key, mesh,
+                                          f'AR {strength:g}')
   return Run(config=config, strength=strength, run_dir=run_dir, module=module, tx=tx, schedule=schedule,
              state=state, start_epoch=start_epoch, steps_per_epoch=steps_per_epoch, calls=calls,
-             multi_steps=multi_steps, permutation=permutation, clip=clip,
-             eval_step=train.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=pgd_cfg),
+             multi_steps=multi_steps, permutation=permutation, clip=clip, eval_step=eval_step,
              clean_eval_step=train.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=None),
              eval_key=eval_key, ckpt=ckpt, track=track, ortho=ortho)
 
@@ -302,9 +309,24 @@ def _margin_tracker(config, module, ds, mesh, run_dir: str):
   return track
 
 
+def microbatch_size(config) -> int:
+  """The examples of one microbatch (the whole batch with microbatches = 1 or 'auto', until it is resolved)."""
+  k = config.train.microbatches
+  return config.train.batch_size // (k if isinstance(k, int) and k >= 1 else 1)
+
+
+def training_mesh(config):
+  """The training mesh: the largest device count that divides the (micro)batch."""
+  return sharding.make_mesh(sharding.data_parallel_devices(microbatch_size(config)))
+
+
 def check_sizes(config, ds, mesh) -> None:
   """Raises ConfigError when the batch sizes do not fit the data or the devices."""
   sharding.check_divisible(config.train.batch_size, mesh, 'config.train.batch_size')  # only fails on several hosts
+  if microbatch_size(config) % mesh.size:
+    raise ConfigError(f'config.train.microbatches = {config.train.microbatches} gives microbatches of '
+                      f'{microbatch_size(config)} examples, which do not split over the {mesh.size} devices; choose '
+                      f'microbatches so that batch_size / microbatches is a multiple of {mesh.size}, or auto')
   n = ds.train_images.shape[0]
   if config.train.batch_size > n:
     raise ConfigError(f'config.train.batch_size = {config.train.batch_size} exceeds the {n} training examples of '
@@ -339,7 +361,7 @@ def train_sweep(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
   and the work directory have been checked.
   """
   configuration.validate(config)
-  mesh = mesh or sharding.make_mesh(sharding.data_parallel_devices(config.train.batch_size))
+  mesh = mesh or training_mesh(config)
   check_sweep_dir(workdir, config)
   ds = get_dataset(config.data)
   check_sizes(config, ds, mesh)

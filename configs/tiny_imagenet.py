@@ -9,6 +9,11 @@ resized 56×56 crops (scale and aspect-ratio jitter) + flips for training, one 5
 ε = s/255, 10 steps of 2/255, random start, BatchNorm in inference mode during the attack (config.attack.bn_mode);
 PGD-10 (ε = 8/255) accuracy over clean-correct validation images.
 
+WRN-50-2 at batch 256 with PGD-10 needs ~39 GB of accelerator memory in one piece, so the batch is split into the
+fewest microbatches whose compiled step fits the device (`config.train.microbatches='auto'`, chosen and logged
+before the first step; one optimizer update per batch of 256; README, "Choices worth knowing"). Set an integer
+(`--config.train.microbatches=1` on an 80 GB device) to fix it across machines.
+
 `config.data.classes=K` keeps only the first K classes of wnids.txt (e.g. a partial copy of the training set);
 `:smoke` uses 10 classes and a narrow, shallow WRN (`wrn_smoke`) to check the pipeline in about a minute.
 """
@@ -27,6 +32,7 @@ def get_config(arg=None):
   c.train.batch_size = 256
   c.train.learning_rate = 0.1
   c.train.lr_boundaries = (30, 60)
+  c.train.microbatches = 'auto'
   c.sweep = (0, 4, 8, 16)
   if arg == 'smoke':
     c.data.classes = 10

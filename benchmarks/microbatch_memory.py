@@ -22,12 +22,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from arreg_jax import configuration, memory_plan, models, sharding, train  # noqa: E402
+from arreg_jax import memory_plan, models, presets, sharding, train  # noqa: E402
 import attack_throughput as common  # noqa: E402  (machine description, JSON writer)
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'microbatch_memory_cpu.json')
@@ -36,7 +35,7 @@ MiB = 2 ** 20
 
 def build(model: str, batch: int, k: int, num_train: int):
   """(compiled one-step program, its arguments) for ``k`` microbatches."""
-  cfg = configuration.cifar_paper('cifar10', model)
+  cfg = presets.cifar_paper('cifar10', model)
   cfg.train.batch_size = batch
   module = models.get_module(model, num_classes=10)
   _, variables = models.create(model, num_classes=10, key=jax.random.key(0), input_shape=(32, 32, 3))

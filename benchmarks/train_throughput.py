@@ -44,7 +44,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from arreg_jax import attacks, configuration, models, sharding, train  # noqa: E402
+from arreg_jax import attacks, models, presets, sharding, train  # noqa: E402
 import attack_throughput as common  # noqa: E402  (machine description, CPU-share meter, JSON writer)
 
 EPOCH_IMAGES = 50_000
@@ -155,7 +155,7 @@ def count_flops(module, variables: dict, batch: int, steps: int) -> dict[str, An
 
 
 def bench_precision(precision: str, args, images, labels, mesh) -> dict[str, Any]:
-  config = configuration.cifar_paper('cifar10', 'resnet56')
+  config = presets.cifar_paper('cifar10', 'resnet56')
   config.precision = precision
   config.train.batch_size = args.batch_size
   strength = float(args.strength)

@@ -8,9 +8,9 @@ no weight decay, pad-4 crop + flip; attack ε = s/255, 10 steps of 2/255, random
 over clean-correct test images. Append :smoke to the config path for a one-minute check of the same pipeline.
 """
 
-from arreg_jax import configuration
+from arreg_jax import presets
 
 
 def get_config(arg=None):
-  c = configuration.cifar_paper('cifar100', 'resnet56', attack='pgd')
-  return configuration.from_arg(c, arg)
+  c = presets.cifar_paper('cifar100', 'resnet56', attack='pgd')
+  return presets.from_arg(c, arg)

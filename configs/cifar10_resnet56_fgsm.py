@@ -7,9 +7,9 @@ As configs/cifar10_resnet56.py, but the training attack is one FGSM step of size
 random start). Evaluation is still PGD-10 at ε = 8/255.
 """
 
-from arreg_jax import configuration
+from arreg_jax import presets
 
 
 def get_config(arg=None):
-  c = configuration.cifar_paper('cifar10', 'resnet56', attack='fgsm')
-  return configuration.from_arg(c, arg)
+  c = presets.cifar_paper('cifar10', 'resnet56', attack='fgsm')
+  return presets.from_arg(c, arg)

@@ -8,13 +8,13 @@ through the FFT of their kernels at the input size they see, Sedghi et al. 2019)
 D.3). Twelve runs, in ar<s>_sp<c>/. config.spectral.rounds sets the project-and-clip rounds per conv kernel.
 """
 
-from arreg_jax import configuration
+from arreg_jax import presets
 
 
 def get_config(arg=None):
-  c = configuration.cifar_paper('cifar10', 'resnet56', attack='pgd')
+  c = presets.cifar_paper('cifar10', 'resnet56', attack='pgd')
   c.paper = 'cifar10_resnet56_sn'
   c.spectral.sweep = (1.0, 3.0, 5.0, None)
   c.spectral.every_epochs = 1
   c.spectral.rounds = 1
-  return configuration.from_arg(c, arg)
+  return presets.from_arg(c, arg)

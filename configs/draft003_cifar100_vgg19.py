@@ -8,8 +8,8 @@ every 30 epochs, PGD-10 of 2/255 at ε ∈ {0, 4, 8, 16}/255, Miyato SN, orthogo
 ('vgg19_sn', 100 outputs) on CIFAR-100. Set --config.model.name=vgg16_sn for the draft's VGG-16 row on CIFAR-100.
 """
 
-from arreg_jax import configuration
+from arreg_jax import presets
 
 
 def get_config(arg=None):
-  return configuration.from_arg(configuration.spectral_norm_cifar('cifar100', 'vgg19_sn'), arg)
+  return presets.from_arg(presets.spectral_norm_cifar('cifar100', 'vgg19_sn'), arg)

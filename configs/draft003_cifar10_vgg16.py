@@ -18,8 +18,8 @@ From the draft's appendix A:
 Set --config.model.name=vgg19_sn for the draft's VGG-19 row on CIFAR-10.
 """
 
-from arreg_jax import configuration
+from arreg_jax import presets
 
 
 def get_config(arg=None):
-  return configuration.from_arg(configuration.spectral_norm_cifar('cifar10', 'vgg16_sn'), arg)
+  return presets.from_arg(presets.spectral_norm_cifar('cifar10', 'vgg16_sn'), arg)

@@ -22,7 +22,7 @@ Where the draft is silent we chose: the MNIST source (the embedded 10k/2k subset
 random start (uniform in the ε-ball). Strengths are in units of 1/255 (strength_unit = 1/255).
 """
 
-from arreg_jax import configuration
+from arreg_jax import configuration, presets
 
 
 def get_config(arg=None):
@@ -46,4 +46,4 @@ def get_config(arg=None):
   c.eval.pgd_steps = 10
   c.analysis.loss_variation_split = 'train_correct'
   c.analysis.loss_variation_eps_rel = (1 / 3, 2 / 3, 1.0)  # × eval.pgd_eps = 25.5, 51, 76.5 /255
-  return configuration.from_arg(c, arg)
+  return presets.from_arg(c, arg)

@@ -14,7 +14,7 @@ training settings; ours:
 * per-epoch margins on train and test, histograms at epochs 1, 25, 100; PGD-10 accuracy at ε = 8/255 (step 2/255).
 """
 
-from arreg_jax import configuration
+from arreg_jax import configuration, presets
 
 
 def get_config(arg=None):
@@ -35,7 +35,7 @@ def get_config(arg=None):
   c.margins.track = True
   c.margins.hist_epochs = (1, 25, 100)
   c.margins.max_examples = 10000
-  c = configuration.from_arg(c, arg)
+  c = presets.from_arg(c, arg)
   if arg == 'smoke':
     c.margins.hist_epochs = (1,)
   return c

@@ -20,7 +20,7 @@ hard-margin SVM) while the average falls. Here:
   (10 steps of 0.025) for robustness.
 """
 
-from arreg_jax import configuration
+from arreg_jax import configuration, presets
 
 
 def get_config(arg=None):
@@ -48,7 +48,7 @@ def get_config(arg=None):
   c.eval.pgd_steps = 10
   c.eval.pgd_examples_per_epoch = None
   c.analysis.loss_variation_examples = 128
-  c = configuration.from_arg(c, arg)
+  c = presets.from_arg(c, arg)
   if arg == 'smoke':
     c.data.train_size = 512
     c.margins.hist_epochs = (1,)

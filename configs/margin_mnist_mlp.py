@@ -15,7 +15,7 @@ Here:
   PGD accuracy at ε = 0.1 (10 steps of 0.025) over the clean-correct test examples.
 """
 
-from arreg_jax import configuration
+from arreg_jax import configuration, presets
 
 
 def get_config(arg=None):
@@ -40,7 +40,7 @@ def get_config(arg=None):
   c.eval.pgd_steps = 10
   c.eval.pgd_examples_per_epoch = 500
   c.analysis.loss_variation_examples = 128
-  c = configuration.from_arg(c, arg)
+  c = presets.from_arg(c, arg)
   if arg == 'smoke':
     c.margins.hist_epochs = (1,)
   return c

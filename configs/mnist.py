@@ -8,7 +8,7 @@ clean-correct test examples. Îµ is ramped from 0 over the first two epochs: at Î
 stays at chance (measured with SGD and Adam over 10 epochs). Minutes on a laptop CPU.
 """
 
-from arreg_jax import configuration
+from arreg_jax import configuration, presets
 
 
 def get_config(arg=None):
@@ -38,4 +38,4 @@ def get_config(arg=None):
   c.eval.robustness.square_queries = 300
   c.eval.robustness.eps_grid_rel = (0.5, 1.0, 2.0, 4.0)
   c.eval.robustness.check_examples = 100
-  return configuration.from_arg(c, arg)
+  return presets.from_arg(c, arg)

@@ -18,7 +18,7 @@ before the first step; one optimizer update per batch of 256; README, "Choices w
 `:smoke` uses 10 classes and a narrow, shallow WRN (`wrn_smoke`) to check the pipeline in about a minute.
 """
 
-from arreg_jax import configuration
+from arreg_jax import configuration, presets
 
 
 def get_config(arg=None):
@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.sweep = (0, 4, 8, 16)
   if arg == 'smoke':
     c.data.classes = 10
-    c = configuration.smoke(c)
+    c = presets.smoke(c)
     c.data.train_size, c.data.test_size = 128, 64
     return c
-  return configuration.from_arg(c, arg)
+  return presets.from_arg(c, arg)

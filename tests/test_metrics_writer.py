@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from arreg_jax import configuration, metrics_writer, rundir, trainer
+from arreg_jax import configuration, metrics_writer, presets, rundir, trainer
 
 
 def _row(epoch, loss=0.5):
@@ -61,7 +61,7 @@ def test_format_duration():
 def test_training_prints_in_epoch_progress_at_dispatch_boundaries(tmp_path, capsys):
   """With a progress interval of ~0 s every dispatch boundary reports: the steps finished are those of the call
   before the newest one (one call stays queued), and the epoch's own line follows."""
-  c = configuration.smoke(configuration.base_config())
+  c = presets.smoke(configuration.base_config())
   c.sweep, c.train.epochs, c.analysis.enabled = (0.0,), 1, False
   c.data.train_size, c.train.batch_size = 256, 32  # 8 steps, one per dispatch
   c.logging.progress_every_s = 1e-9

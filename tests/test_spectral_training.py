@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 
-from arreg_jax import configuration, restore, spectral, trainer
+from arreg_jax import configuration, presets, restore, spectral, trainer
 
 
 def _config(**spectral_kw):
-  c = configuration.smoke(configuration.base_config())
+  c = presets.smoke(configuration.base_config())
   c.attack.strength_unit, c.attack.step_size, c.attack.step_size_rel = 1.0, None, 0.25
   c.eval.pgd_eps, c.eval.pgd_step_size = 0.1, 0.025
   c.train.epochs = 1

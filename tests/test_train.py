@@ -6,12 +6,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from arreg_jax import configuration, models, sharding, train
+from arreg_jax import configuration, models, presets, sharding, train
 
 
 def test_piecewise_constant_schedule_matches_paper():
   """lr 0.05, ÷10 at epochs 100 and 150 (D.3): read off the actual SGD updates (momentum 0: u = -lr·g)."""
-  cfg = configuration.cifar_paper('cifar10', 'resnet56').train
+  cfg = presets.cifar_paper('cifar10', 'resnet56').train
   cfg.momentum = 0.0
   steps = 2
   tx = train.make_optimizer(cfg, steps)

@@ -58,7 +58,7 @@ def _one_clear_line(r):
   return errors[0]
 
 
-@pytest.mark.parametrize('damage', ['truncate', 'delete'])
+@pytest.mark.parametrize('damage', ['truncate', pytest.param('delete', marks=pytest.mark.slow)])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(finished, tmp_path, damage):
   w = _copy(finished, tmp_path, unfinish=True)
   ckpt3 = w / 'ar0.1' / 'checkpoints' / '3'
@@ -77,6 +77,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(finishe
   assert got['row'] == ref['row']  # retrained from epoch 2: the same result as the uninterrupted run
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_one_clear_error(finished, tmp_path):
   w = _copy(finished, tmp_path, unfinish=True)
   for p in (w / 'ar0.1' / 'checkpoints').rglob('*'):
@@ -86,6 +87,7 @@ def test_no_intact_checkpoint_is_one_clear_error(finished, tmp_path):
   assert 'no intact checkpoint in' in line and 'checkpoints' in line
 
 
+@pytest.mark.slow
 def test_a_stale_partial_checkpoint_write_is_ignored(finished, tmp_path):
   """A SIGKILL during a checkpoint write leaves orbax's temporary directory behind: the run resumes past it."""
   w = _copy(finished, tmp_path, unfinish=True)
@@ -114,6 +116,7 @@ def test_a_full_disk_during_training_leaves_every_previous_file_intact(finished,
   assert not new, new
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_the_analysis_leaves_every_previous_file_intact(finished, tmp_path):
   w = _copy(finished, tmp_path)
   before = _tree(w)

@@ -19,6 +19,7 @@ the same program as without the regularizer.
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable
 
 import chex
@@ -258,19 +259,27 @@ def run_epoch(multi_steps: dict[int, Callable], calls: list[int], state: TrainSt
 
   The host keeps at most :data:`arreg_jax.sharding.MAX_IN_FLIGHT` calls in flight: on several XLA:CPU devices a host
   that runs 32 programs ahead deadlocks the next all-reduce (:mod:`arreg_jax.sharding`). When ``progress_due()``
-  says so at a dispatch boundary, the host waits for the call before the newest one — one call stays queued, so the
-  devices never idle — and calls ``progress(steps finished)``; no other host sync happens per call.
+  says so at a dispatch boundary, the host waits for the oldest call in flight (the newer ones stay queued, so the
+  devices never idle) and calls ``progress(steps finished)``; no other host sync happens per call.
   """
-  window = sharding.DispatchWindow()
-  sums, previous, done = None, None, 0
+  total = sum(calls)
+  pending = collections.deque()  # (steps done once this call has finished, its outputs), oldest first
+  sums, done = None, 0
   for k in calls:
     state, m = multi_steps[k](state, images, labels, perm)
     sums = m if sums is None else add_metrics(sums, m)
-    window.push(sums)
-    if progress is not None and previous is not None and done < sum(calls) and progress_due():
-      jax.block_until_ready(previous)
-      progress(done)
-    previous, done = sums, done + k
+    done += k
+    pending.append((done, sums))
+    finished = None
+    while len(pending) > sharding.MAX_IN_FLIGHT:
+      finished, oldest = pending.popleft()
+      jax.block_until_ready(oldest)
+    if progress is not None and done < total and progress_due():
+      if finished is None and len(pending) >= 2:
+        finished, oldest = pending.popleft()
+        jax.block_until_ready(oldest)
+      if finished is not None:
+        progress(finished)
   return state, {k: float(v) for k, v in jax.device_get(sums).items()}
 
 

@@ -59,8 +59,8 @@ def test_format_duration():
 
 
 def test_training_prints_in_epoch_progress_at_dispatch_boundaries(tmp_path, capsys):
-  """With a progress interval of ~0 s every dispatch boundary reports: the steps finished are those of the call
-  before the newest one (one call stays queued), and the epoch's own line follows."""
+  """With a progress interval of ~0 s every dispatch boundary reports the steps of the oldest call in flight, which
+  the host waits for (the newest stays queued); the epoch's own line follows."""
   c = presets.smoke(configuration.base_config())
   c.sweep, c.train.epochs, c.analysis.enabled = (0.0,), 1, False
   c.data.train_size, c.train.batch_size = 256, 32  # 8 steps, one per dispatch
@@ -68,7 +68,7 @@ def test_training_prints_in_epoch_progress_at_dispatch_boundaries(tmp_path, caps
   trainer.train_sweep(c, str(tmp_path))
   out = [line for line in capsys.readouterr().out.splitlines() if line.startswith('[ar0]')]
   progress = [line for line in out if ' step ' in line]
-  assert [line.split(' step ')[1].split()[0] for line in progress] == [f'{k}/8' for k in range(1, 8)]
+  assert [line.split(' step ')[1].split()[0] for line in progress] == [f'{k}/8' for k in range(1, 7)]
   assert 'img/s' in progress[0] and 'epoch ETA' in progress[0]
   assert out[len(progress)].startswith('[ar0] epoch 1/1  train loss')
   rows = rundir.read_jsonl(str(tmp_path / 'ar0' / rundir.METRICS))

@@ -66,9 +66,12 @@ def _training_key(dotted: str) -> bool:
 
 
 def config_differences(saved: dict, requested: dict) -> list[str]:
-  """The dotted keys in which two run configs differ, outside the blocks that do not change training."""
+  """The dotted keys in which two run configs differ, outside the blocks that do not change training. A key that
+  one of them lacks (a config saved by an older version) counts with today's default, as ``from_saved`` reads it."""
+  defaults = config_json.flatten(config_json.to_dict(configuration.base_config()))
   a, b = config_json.flatten(saved), config_json.flatten(requested)
-  return sorted(k for k in set(a) | set(b) if _training_key(k) and a.get(k) != b.get(k))
+  return sorted(k for k in set(a) | set(b)
+                if _training_key(k) and a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
 
 
 def check_same_training(run_dir: str, saved: dict, requested: dict) -> None:

@@ -58,7 +58,8 @@ def _one_clear_line(r):
   return errors[0]
 
 
-@pytest.mark.parametrize('damage', ['truncate', pytest.param('delete', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('damage', ['truncate', 'delete'])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(finished, tmp_path, damage):
   w = _copy(finished, tmp_path, unfinish=True)
   ckpt3 = w / 'ar0.1' / 'checkpoints' / '3'
@@ -100,6 +101,7 @@ def test_a_stale_partial_checkpoint_write_is_ignored(finished, tmp_path):
   assert json.load(open(w / 'ar0.1' / 'final.json'))['row'] == json.load(open(finished / 'ar0.1' / 'final.json'))['row']
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_training_leaves_every_previous_file_intact(finished, tmp_path):
   """A run killed after its checkpoint of epoch 2 resumes on a full disk: the checkpoint of epoch 3 cannot be
   written. One line says so; every file of the workdir is as it was (metrics.jsonl rolled back to epoch 2)."""

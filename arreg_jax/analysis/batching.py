@@ -42,7 +42,8 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
     mesh: a mesh from :func:`arreg_jax.sharding.make_mesh`.
     limit: analyse only the first ``limit`` examples.
     extra: further (replicated) arguments passed to the kernel after ``mask`` (e.g. a traced ε).
-    batch_key: if given, the kernel gets ``fold_in(batch_key, batch index)`` after ``mask`` (before ``extra``).
+    batch_key: if given, the kernel gets ``key_data(fold_in(batch_key, batch index))`` after ``mask`` (before
+      ``extra``; ``jax.random.wrap_key_data`` turns it back into a key).
 
   Returns:
     ``{name: numpy array with leading axis n}`` with ``n = min(limit, N)``.
@@ -64,7 +65,9 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
     idx = np.arange(start, start + batch_size) % n_total
     mask = np.arange(start, start + batch_size) < n
     x, y, m = jax.device_put((images[idx], labels[idx], mask), data)
-    keys = () if batch_key is None else (jax.device_put(jax.random.fold_in(batch_key, start // batch_size), rep),)
+    keys = ()
+    if batch_key is not None:  # as raw key data from the host: placeable on a mesh that spans several processes
+      keys = (jax.device_put(np.asarray(jax.random.key_data(jax.random.fold_in(batch_key, start // batch_size))), rep),)
     outs.append(window.push(kernel(variables, x, y, m, *keys, *extra)))
   outs = sharding.to_host(outs)
   return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}

@@ -42,11 +42,12 @@ def _attack_fns(n_targets: int, square_queries: int, norm: str) -> dict:
 @functools.lru_cache(maxsize=None)
 def make_kernel(module, augment_kind: str, attack_names: tuple[str, ...], *, norm: str = 'linf', n_targets: int = 9,
                 square_queries: int = 5000):
-  """Jitted ``(variables, images_uint8, labels, mask, key, eps) -> {'clean': (B,) bool, name: (B,) bool}``."""
+  """Jitted ``(variables, images_uint8, labels, mask, key_data, eps) -> {'clean': (B,) bool, name: (B,) bool}``."""
   fns = _attack_fns(n_targets, square_queries, norm)
 
-  def kernel(variables, images, labels, mask, key, eps):
+  def kernel(variables, images, labels, mask, key_data, eps):
     del mask
+    key = jax.random.wrap_key_data(key_data)
     x = augment.preprocess(None, images, kind=augment_kind, train=False)
     logits_fn = lambda z: module.apply(variables, z, train=False)
     return evaluation.robust_masks(logits_fn, x, labels, key, eps, attacks=attack_names, norm=norm, attack_fns=fns)
@@ -59,7 +60,7 @@ def robust_accuracies(module, variables, images, labels, *, augment_kind: str, a
   """``{'clean', name…, ['autoattack']}`` robust accuracies (shares) over the first ``limit`` examples."""
   kernel = make_kernel(module, augment_kind, tuple(attack_names), **kernel_kw)
   out = batching.map_batches(kernel, variables, images, labels, batch_size=batch_size, mesh=mesh, limit=limit,
-                             extra=(jnp.float32(eps),), batch_key=key)
+                             extra=(np.float32(eps),), batch_key=key)
   if all(p in out for p in AUTOATTACK_PARTS):
     out['autoattack'] = np.logical_and.reduce([out[p] for p in AUTOATTACK_PARTS])
   return {k: float(np.mean(v)) for k, v in out.items()}

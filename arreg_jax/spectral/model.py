@@ -246,8 +246,16 @@ def on_one_device(tree: PyTree) -> PyTree:
   """``tree`` on this process's first device. The batched SVDs are not data-parallel: on parameters replicated over
   several XLA:CPU devices, XLA runs them on every device and synchronizes the devices in between, and with the
   WRN-50-2 smoke model on Tiny-ImageNet on two CPU devices the process aborted at that rendezvous (XLA's 40 s
-  timeout). One device computes them once; callers place the result where they need it."""
-  return jax.device_put(tree, jax.local_devices()[0])
+  timeout). One device computes them once; callers place the result where they need it. With several processes a
+  replicated global array contributes this process's own copy."""
+  device = jax.local_devices()[0]
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = x.addressable_data(0)
+    return jax.device_put(x, device)
+
+  return jax.tree.map(one, tree)
 
 
 @functools.lru_cache(maxsize=64)
@@ -366,4 +374,6 @@ def clip_params(params: PyTree, layer_specs: Sequence[LayerSpec], max_sv: float 
   if rounds < 0:
     raise ValueError(f'rounds must be >= 0, got {rounds}')
   specs = _check_specs(layer_specs)
-  return _compiled_clip(specs, int(rounds))(on_one_device(params), jnp.asarray(max_sv, jnp.float32))
+  if jax.process_count() == 1:  # the clipped kernels go back to every process's devices: keep them global there
+    params = on_one_device(params)
+  return _compiled_clip(specs, int(rounds))(params, jnp.asarray(max_sv, jnp.float32))

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arreg_jax import configuration, sharding, train
+from arreg_jax import configuration, evaluation, sharding
 from arreg_jax.errors import MemoryPlanError
 
 SAFETY = 0.9
@@ -198,13 +198,14 @@ def _local_free_bytes(mesh) -> int | None:
   return free_bytes(local[0], local_devices=len(local))
 
 
-def plan_training(config, make: Callable, per_call: int, state, images, labels, mesh, what: str
+def plan_training(config, make: Callable, per_call: int, state, hyper, images, labels, mesh, what: str
                   ) -> tuple[int, Any]:
-  """``(microbatches, compiled multi-step program of per_call steps)``: compiled ahead of time for the state and
-  data at hand and checked against the device memory (:func:`plan_train_step`; resolves
-  ``config.train.microbatches = 'auto'``). ``make(n, k)`` is the jitted program of n steps of k microbatches."""
+  """``(microbatches, compiled multi-step program of per_call steps)``: compiled ahead of time for the state, step
+  hyper-parameters (:class:`arreg_jax.train.StepHyper`) and data at hand and checked against the device memory
+  (:func:`plan_train_step`; resolves ``config.train.microbatches = 'auto'``). ``make(n, k)`` is the jitted program
+  of n steps of k microbatches."""
   perm = jax.ShapeDtypeStruct((images.shape[0],), jnp.int32, sharding=sharding.replicated(mesh))
-  compile_k = lambda k: make(per_call, k).lower(state, images, labels, perm).compile()
+  compile_k = lambda k: make(per_call, k).lower(state, images, labels, perm, hyper).compile()
   b = config.train.batch_size
   candidates = [k for k in configuration.divisors(b) if (b // k) % mesh.size == 0]
   k, program = plan_train_step(compile_k, config.train.microbatches, candidates, what=what,
@@ -218,7 +219,7 @@ def plan_evaluation(config, eval_step, state, images, labels, key, mesh, what: s
   """The PGD evaluation step, compiled ahead of time on the test set and checked against the device memory
   (:func:`plan_eval_step`); returns a step that runs that program on the test set (other
   data: ``eval_step`` itself)."""
-  static = train.eval_layout(images, config.eval.batch_size)
+  static = evaluation.eval_layout(images, config.eval.batch_size)
   args = (state.variables(), images, labels, np.int32(0), np.int32(1), key)
   program = eval_step.lower(*args, **static).compile()
   plan_eval_step(program, batch_size=config.eval.batch_size, what=what, free=_local_free_bytes(mesh))

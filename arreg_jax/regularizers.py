@@ -123,8 +123,8 @@ def margin_term(features: jax.Array, last_w: jax.Array, labels: jax.Array, gamma
 
 
 def regularized_loss(ce: jax.Array, features: jax.Array | None, params: PyTree, labels: jax.Array, *,
-                     margin_lambda: float, margin_gamma: float, ortho_beta: float,
-                     last_w: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                     margin_lambda, margin_gamma: float, ortho_beta, last_w: jax.Array | None = None,
+                     margin_on: bool | None = None, ortho_on: bool | None = None) -> tuple[jax.Array, dict]:
   """``mean(CE) − λ · margin_term + β · orthogonality_penalty`` and its parts.
 
   Args:
@@ -132,23 +132,28 @@ def regularized_loss(ce: jax.Array, features: jax.Array | None, params: PyTree, 
     features: ``Φ(x)`` ``(B, d)``; may be None when ``margin_lambda == 0``.
     params: the model's ``params`` (the last layer read from ``params['head']``).
     labels: int ``(B,)``.
-    margin_lambda, margin_gamma, ortho_beta: λ, γ, β (Python floats; a zero switches its term off statically).
+    margin_lambda, margin_gamma, ortho_beta: λ, γ, β (λ and β may be traced scalars when ``margin_on`` /
+      ``ortho_on`` are given).
     last_w: the last layer's kernel as applied (default ``params['head']['kernel']``; :func:`effective_head` for a
       spectrally normalized model).
+    margin_on, ortho_on: whether the margin / orthogonality terms are computed at all (static; default: whether λ /
+      β are nonzero).
 
   Returns:
     ``(loss, parts)`` with ``parts`` holding ``ce`` (batch mean) and, when on, ``margin_term`` and ``ortho``.
   """
   chex.assert_rank(ce, 1)
+  margin_on = bool(margin_lambda) if margin_on is None else margin_on
+  ortho_on = bool(ortho_beta) if ortho_on is None else ortho_on
   parts = {'ce': jnp.mean(ce)}
   loss = parts['ce']
-  if margin_lambda:
+  if margin_on:
     if features is None:
       raise ValueError('margin_lambda > 0 needs the penultimate features')
     w = head_kernel(params) if last_w is None else last_w
     parts['margin_term'] = margin_term(features, w, labels, margin_gamma)
     loss = loss - margin_lambda * parts['margin_term']
-  if ortho_beta:
+  if ortho_on:
     parts['ortho'] = orthogonality_penalty(params)
     loss = loss + ortho_beta * parts['ortho']
   return loss, parts

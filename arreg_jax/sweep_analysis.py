@@ -11,7 +11,7 @@ The kernels are in :mod:`arreg_jax.analysis`; this module runs them over a sweep
    ``analysis.loss_variation_split = 'train_correct'``, on the correctly classified examples among the first
    training examples, counting only perturbed points still classified correctly (draft 003, Fig. 3);
 4. PGD accuracy over the clean-correct test examples: taken from the run's ``final.json`` (computed by
-   ``train.make_eval_step`` over the whole test set at the end of training), recomputed only when absent;
+   ``evaluation.make_eval_step`` over the whole test set at the end of training), recomputed only when absent;
 5. the instance-space margin v_min (:mod:`boundary`, on a subset of training examples) and the terms of
    Theorem 3.1 (:mod:`bounds`).
 
@@ -33,7 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from arreg_jax import configuration, distributed, models, restore, rundir, sharding, train
+from arreg_jax import configuration, distributed, evaluation, models, restore, rundir, sharding
 from arreg_jax import sweep as sweep_lib
 from arreg_jax.analysis import batching, boundary, bounds, distributions, margins, robustness, singular_values
 from arreg_jax.analysis import smoothness
@@ -226,16 +226,16 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
   timing['loss_variation_s'] = time.time() - t
 
   if 'pgd_acc' in final.get('test', {}):
-    pgd = {'pgd_acc': final['test']['pgd_acc'], 'source': 'final.json (train.make_eval_step, whole test set)',
+    pgd = {'pgd_acc': final['test']['pgd_acc'], 'source': 'final.json (evaluation.make_eval_step, whole test set)',
            'eps': float(config.eval.pgd_eps), 'steps': int(config.eval.pgd_steps)}
   else:
     t = time.time()
     pgd_cfg = ml_collections.ConfigDict({'eps': config.eval.pgd_eps, 'step_size': config.eval.pgd_step_size,
                                          'steps': config.eval.pgd_steps})
-    step = train.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=pgd_cfg)
-    res = train.evaluate(step, variables, ds.test_images, ds.test_labels, batch_size=s['batch_size'],
+    step = evaluation.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=pgd_cfg)
+    res = evaluation.evaluate(step, variables, ds.test_images, ds.test_labels, batch_size=s['batch_size'],
                          key=jax.random.key(config.seed), limit=s['max_test_examples'], mesh=mesh)
-    pgd = {'pgd_acc': res['pgd_acc'], 'source': 'recomputed by the analysis (train.make_eval_step)',
+    pgd = {'pgd_acc': res['pgd_acc'], 'source': 'recomputed by the analysis (evaluation.make_eval_step)',
            'eps': float(config.eval.pgd_eps), 'steps': int(config.eval.pgd_steps)}
     timing['pgd_s'] = time.time() - t
 

@@ -1,9 +1,11 @@
 """The training state, the compiled adversarial training step and the evaluation step.
 
-One training step is one pure function, jitted once per run with its state donated: gather the batch from the
+One training step is one pure function, jitted once per sweep with its state donated: gather the batch from the
 device-resident uint8 dataset, augment it (keyed), craft adversarial examples against the current weights (PGD,
 FGSM, or none at AR strength 0; the attack's steps run inside the same program), and apply one optax update on the
-adversarial batch (Madry et al. 2018): θ ← θ − η ∇_θ (1/B) Σ_i CE(f_θ(x_i + δ_i*), y_i).
+adversarial batch (Madry et al. 2018): θ ← θ − η ∇_θ (1/B) Σ_i CE(f_θ(x_i + δ_i*), y_i). A member's ε, regularizer
+weights and keys are traced arguments (:class:`StepHyper`), so the members of a sweep that share a model and an
+attack kind run one compiled program.
 
 BatchNorm models (WRN-50-2, ``resnet*_bn``): by default the attack runs the network in inference mode (running
 statistics) and never updates them, so crafting δ* does not move the statistics the update then uses; the config
@@ -20,6 +22,7 @@ the same program as without the regularizer.
 from __future__ import annotations
 
 import collections
+import json
 from typing import Any, Callable
 
 import chex
@@ -28,10 +31,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from arreg_jax import attacks, models, regularizers, sharding
+from arreg_jax import attacks, config_json, models, regularizers, sharding
 from arreg_jax.data import augment
 
 Metrics = dict[str, jax.Array]
@@ -77,50 +79,93 @@ def init_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
                     opt_state=tx.init(params))
 
 
-def attack_eps(attack_cfg: ml_collections.ConfigDict, strength: float, step, ramp_steps: int):
-  """ε at a training step: strength × unit, ramped linearly from 0 over the first ``ramp_steps`` steps."""
-  eps = float(strength) * float(attack_cfg.strength_unit)
+class StepHyper(flax.struct.PyTreeNode):
+  """The values a member of a sweep gives its training program as arguments (traced), not as constants.
+
+  Members that differ only in these share one compiled program (:func:`program_key`): ``eps`` is the AR radius
+  ε = s × ``attack.strength_unit`` before the ramp (the PGD step size follows it when relative), ``margin_lambda``
+  and ``ortho_beta`` are the regularizer weights λ and β (poster 004), and ``key`` is the base key of the step
+  randomness. Whether ε, λ and β are zero stays static: a zero switches its part of the program off.
+  """
+  eps: jax.Array
+  margin_lambda: jax.Array
+  ortho_beta: jax.Array
+  key: jax.Array
+
+
+def step_hyper(config: ml_collections.ConfigDict, strength: float, key: jax.Array) -> StepHyper:
+  """The :class:`StepHyper` of a member with AR strength ``strength`` and base key ``key`` (float32 scalars)."""
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  reg = config.regularizer
+  return StepHyper(eps=f32(float(strength) * float(config.attack.strength_unit)),
+                   margin_lambda=f32(reg.margin_lambda), ortho_beta=f32(reg.ortho_beta), key=key)
+
+
+def is_adversarial(config: ml_collections.ConfigDict, strength: float) -> bool:
+  """Whether a member's training step crafts adversarial examples (AR strength > 0 and an attack configured)."""
+  return float(strength) != 0 and config.attack.kind != 'none'
+
+
+def program_key(config: ml_collections.ConfigDict, strength: float) -> str:
+  """What a member's compiled training and evaluation programs depend on, as a string: its config with the
+  :class:`StepHyper` values (and the spectral-clipping threshold, a traced argument of its own program) replaced by
+  whether they are on, and without the seed (whose keys are arguments). Two members with equal keys can run the
+  same compiled programs."""
+  c = config_json.to_dict(config)
+  c.pop('seed', None)
+  c['adversarial'] = is_adversarial(config, strength)
+  for k in ('margin_lambda', 'ortho_beta'):
+    c['regularizer'][k] = bool(config.regularizer[k])
+  c['spectral']['clip_to'] = config.spectral.clip_to is not None
+  return json.dumps(c, sort_keys=True, default=str)
+
+
+def attack_eps(eps, step, ramp_steps: int):
+  """ε at a training step: the full radius ``eps`` ramped linearly from 0 over the first ``ramp_steps`` steps."""
   if ramp_steps > 0:
     eps = eps * jnp.minimum(1.0, (step + 1).astype(jnp.float32) / ramp_steps)
   return eps
 
 
-def make_attack(attack_cfg: ml_collections.ConfigDict, strength: float) -> Callable | None:
-  """``attack(logits_fn, images, labels, key, eps) -> adversarial images``, or None for standard training."""
-  if strength == 0 or attack_cfg.kind == 'none':
-    return None
+def make_attack(attack_cfg: ml_collections.ConfigDict) -> Callable:
+  """``attack(logits_fn, images, labels, key, eps) -> adversarial images`` for ``attack_cfg`` (PGD or FGSM); ``eps``
+  may be traced, and so is the step size when it is relative (``step_size_rel`` × ε)."""
   steps = 1 if attack_cfg.kind == 'fgsm' else int(attack_cfg.steps)
 
   def attack(logits_fn, images, labels, key, eps):
-    step_size = attack_cfg.step_size if attack_cfg.step_size is not None else attack_cfg.step_size_rel * eps
     if attack_cfg.kind == 'fgsm':
       return attacks.fgsm(logits_fn, images, labels, key, eps=eps, random_start=attack_cfg.random_start,
                           step_size=attack_cfg.step_size if attack_cfg.step_size is not None else None,
                           norm=attack_cfg.norm)
+    step_size = attack_cfg.step_size if attack_cfg.step_size is not None else attack_cfg.step_size_rel * eps
     return attacks.pgd(logits_fn, images, labels, key, eps=eps, step_size=step_size, steps=steps,
                        norm=attack_cfg.norm, random_start=attack_cfg.random_start)
   return attack
 
 
-def _logits_fn(module: nn.Module, variables: dict, *, train: bool):
+def logits_fn_of(module: nn.Module, variables: dict, *, train: bool):
   """images -> logits with fixed ``variables``; batch statistics (if ``train``) are used but not kept."""
   if train and 'batch_stats' in variables:
     return lambda x: module.apply(variables, x, train=True, mutable=['batch_stats'])[0]
   return lambda x: module.apply(variables, x, train=train)
 
 
-def update_loss(module: nn.Module, params, batch_stats, x, y, lam: float, gamma: float, beta: float):
+def update_loss(module: nn.Module, params, batch_stats, x, y, lam, gamma: float, beta, *,
+                margin_on: bool | None = None, ortho_on: bool | None = None):
   """The loss of the parameter update on batch ``(x, y)`` and ``(logits, new batch_stats, parts)``.
 
-  Mean cross-entropy, with batch statistics (updated running averages returned); with λ or β > 0 the poster-004
+  Mean cross-entropy, with batch statistics (updated running averages returned); with λ or β on the poster-004
   regularized loss ``mean CE − λ·mean clip_[0,γ](feature margin) + β Σ_l ‖W_l W_lᵀ − I‖²_F``
-  (:func:`arreg_jax.regularizers.regularized_loss`; ``parts`` holds its terms).
+  (:func:`arreg_jax.regularizers.regularized_loss`; ``parts`` holds its terms). ``lam`` and ``beta`` may be traced
+  when ``margin_on`` / ``ortho_on`` say statically whether their terms are on (default: whether they are nonzero).
   """
+  margin_on = bool(lam) if margin_on is None else margin_on
+  ortho_on = bool(beta) if ortho_on is None else ortho_on
   variables = {'params': params}
   if batch_stats:
     variables['batch_stats'] = batch_stats
   features = None
-  if lam:  # the forward pass that also returns Φ(x) (poster 004)
+  if margin_on:  # the forward pass that also returns Φ(x) (poster 004)
     mutable = ['batch_stats'] if batch_stats else []
     logits, features, updates = models.apply_with_features(module, variables, x, train=True, mutable=mutable)
     new_stats = updates.get('batch_stats', {})
@@ -130,25 +175,29 @@ def update_loss(module: nn.Module, params, batch_stats, x, y, lam: float, gamma:
   else:
     logits, new_stats = module.apply(variables, x, train=True), {}
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-  if not (lam or beta):
+  if not (margin_on or ortho_on):
     return jnp.mean(ce), (logits, new_stats, {})
-  last_w = regularizers.effective_head({'params': params, 'batch_stats': batch_stats})[0] if lam else None
+  last_w = regularizers.effective_head({'params': params, 'batch_stats': batch_stats})[0] if margin_on else None
   loss, parts = regularizers.regularized_loss(ce, features, params, y, margin_lambda=lam, margin_gamma=gamma,
-                                              ortho_beta=beta, last_w=last_w)
+                                              ortho_beta=beta, last_w=last_w, margin_on=margin_on,
+                                              ortho_on=ortho_on)
   return loss, (logits, new_stats, parts)
 
 
 def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config: ml_collections.ConfigDict,
-                    strength: float, augment_kind: str, steps_per_epoch: int, batch_sharding, base_key: jax.Array,
-                    microbatches: int | None = None):
-  """Returns the pure ``train_step(state, images, labels, batch_index) -> (state, metrics)``.
+                  adversarial: bool, augment_kind: str, steps_per_epoch: int, batch_sharding,
+                  microbatches: int | None = None):
+  """Returns the pure ``train_step(state, images, labels, batch_index, hyper) -> (state, metrics)``.
 
   ``images``/``labels`` are the whole device-resident training set (uint8 NHWC, int32); ``batch_index`` (int32,
-  shape (B,)) selects this step's examples. The step's randomness is ``fold_in(base_key, state.step)``, so a run
-  resumed from a checkpoint draws exactly the keys an uninterrupted run would. Metrics are sums over the batch
-  (``loss_sum``, ``correct``, ``count``), measured on the examples trained on (adversarial ones when AR > 0);
-  ``loss_sum`` is the cross-entropy part of the loss. With the margin regularizer on, ``margin_term_sum`` adds the
-  batch sum of ``clip_[0,γ]`` of the feature-space margins (poster 004).
+  shape (B,)) selects this step's examples; ``hyper`` (:class:`StepHyper`, from :func:`step_hyper`) holds the
+  member's ε, λ, β and base key as traced values, so every member of a sweep with the same :func:`program_key`
+  runs this one program. ``adversarial`` (static, :func:`is_adversarial`) says whether the step attacks at all. The
+  step's randomness is ``fold_in(hyper.key, state.step)``, so a run resumed from a checkpoint draws exactly the keys
+  an uninterrupted run would. Metrics are sums over the batch (``loss_sum``, ``correct``, ``count``), measured on the
+  examples trained on (adversarial ones when AR > 0); ``loss_sum`` is the cross-entropy part of the loss. With the
+  margin regularizer on, ``margin_term_sum`` adds the batch sum of ``clip_[0,γ]`` of the feature-space margins
+  (poster 004).
 
   ``microbatches`` = k (default ``config.train.microbatches``, an int here: 'auto' is resolved by
   :mod:`arreg_jax.memory_plan`) > 1 splits the batch into k consecutive microbatches of B/k, scanned in turn
@@ -160,23 +209,24 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
   to the mean of the microbatch statistics — so they move as far per step as with k = 1. k = 1 is the unsplit
   program.
   """
-  attack = make_attack(config.attack, strength)
+  attack = make_attack(config.attack) if adversarial else None
   reg = config.regularizer
-  lam, gamma, beta = float(reg.margin_lambda), float(reg.margin_gamma), float(reg.ortho_beta)
+  gamma, margin_on, ortho_on = float(reg.margin_gamma), bool(reg.margin_lambda), bool(reg.ortho_beta)
   ramp_steps = int(round(config.train.eps_ramp_epochs * steps_per_epoch))
   attack_train_mode = config.attack.bn_mode == 'batch'
   k = int(config.train.microbatches if microbatches is None else microbatches)
 
-  def grads_and_metrics(state: TrainState, images, labels, batch_index, k_aug, k_att):
+  def grads_and_metrics(state: TrainState, images, labels, batch_index, k_aug, k_att, hyper: StepHyper):
     """(gradient, new batch_stats, metric sums) of the update loss on the examples ``batch_index``."""
     x = jax.lax.with_sharding_constraint(images[batch_index], batch_sharding)
     y = jax.lax.with_sharding_constraint(labels[batch_index], batch_sharding)
     x = augment.preprocess(k_aug, x, kind=augment_kind, train=True)
     if attack is not None:
-      fixed = _logits_fn(module, state.variables(), train=attack_train_mode)
-      x = attack(fixed, x, y, k_att, attack_eps(config.attack, strength, state.step, ramp_steps))
+      fixed = logits_fn_of(module, state.variables(), train=attack_train_mode)
+      x = attack(fixed, x, y, k_att, attack_eps(hyper.eps, state.step, ramp_steps))
 
-    loss_fn = lambda params: update_loss(module, params, state.batch_stats, x, y, lam, gamma, beta)
+    loss_fn = lambda params: update_loss(module, params, state.batch_stats, x, y, hyper.margin_lambda, gamma,
+                                         hyper.ortho_beta, margin_on=margin_on, ortho_on=ortho_on)
     (loss, (logits, new_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     loss = parts.get('ce', loss)  # the cross-entropy part of the loss
     metrics = {
@@ -188,13 +238,13 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
       metrics['margin_term_sum'] = parts['margin_term'] * y.shape[0]
     return grads, new_stats, metrics
 
-  def accumulated(state: TrainState, images, labels, batch_index, k_aug, k_att):
+  def accumulated(state: TrainState, images, labels, batch_index, k_aug, k_att, hyper: StepHyper):
     """:func:`grads_and_metrics` over k microbatches (a scan): mean gradient, mean running statistics, summed
     metrics."""
     def body(grad_sum, row_i):
       row, i = row_i
       g, stats, m = grads_and_metrics(state, images, labels, row, jax.random.fold_in(k_aug, i),
-                                      jax.random.fold_in(k_att, i))
+                                      jax.random.fold_in(k_att, i), hyper)
       return jax.tree.map(jnp.add, grad_sum, g), (stats, m)
 
     rows = (batch_index.reshape(k, -1), jnp.arange(k, dtype=jnp.int32))
@@ -203,12 +253,13 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
     return (jax.tree.map(lambda g: g / k, grad_sum), mean(stats),
             jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics))
 
-  def train_step(state: TrainState, images, labels, batch_index):
+  def train_step(state: TrainState, images, labels, batch_index, hyper: StepHyper):
     chex.assert_type(images, jnp.uint8)
-    key = jax.random.fold_in(base_key, state.step)
+    chex.assert_shape((hyper.eps, hyper.margin_lambda, hyper.ortho_beta), ())
+    key = jax.random.fold_in(hyper.key, state.step)
     k_aug, k_att = jax.random.split(key)
     grads_fn = grads_and_metrics if k == 1 else accumulated
-    grads, new_stats, metrics = grads_fn(state, images, labels, batch_index, k_aug, k_att)
+    grads, new_stats, metrics = grads_fn(state, images, labels, batch_index, k_aug, k_att, hyper)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
@@ -219,25 +270,26 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
 
 def make_train_step(module: nn.Module, tx: optax.GradientTransformation, **kw):
   """The jitted, state-donating single step of :func:`train_step_fn`:
-  ``train_step(state, images, labels, batch_index) -> (state, metrics)``."""
+  ``train_step(state, images, labels, batch_index, hyper) -> (state, metrics)``."""
   return jax.jit(train_step_fn(module, tx, **kw), donate_argnums=(0,))
 
 
 def make_multi_step(module: nn.Module, tx: optax.GradientTransformation, *, steps_per_call: int, batch_size: int,
                     steps_per_epoch: int, **kw):
-  """Returns the jitted ``multi_step(state, images, labels, perm) -> (state, metric sums)``.
+  """Returns the jitted ``multi_step(state, images, labels, perm, hyper) -> (state, metric sums)``.
 
   Runs ``steps_per_call`` training steps in one dispatch (a ``lax.scan``); step t of an epoch trains on
   ``perm[t·B:(t+1)·B]``, with t = ``state.step mod steps_per_epoch`` read on the device, so in steady state the host
-  sends nothing per call: the dataset and the epoch's permutation ``perm`` are already device arrays.
+  sends nothing per call: the dataset, the epoch's permutation ``perm`` and ``hyper`` (:class:`StepHyper`) are
+  already device arrays.
   """
   step_fn = train_step_fn(module, tx, steps_per_epoch=steps_per_epoch, **kw)
 
-  def multi_step(state: TrainState, images, labels, perm):
+  def multi_step(state: TrainState, images, labels, perm, hyper: StepHyper):
     def body(state, _):
       start = (state.step % steps_per_epoch) * batch_size
       index = jax.lax.dynamic_slice(perm, (start,), (batch_size,))
-      return step_fn(state, images, labels, index)
+      return step_fn(state, images, labels, index, hyper)
 
     state, metrics = jax.lax.scan(body, state, None, length=steps_per_call)
     return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
@@ -251,10 +303,10 @@ def add_metrics(a: Metrics, b: Metrics) -> Metrics:
   return jax.tree.map(jnp.add, a, b)
 
 
-def run_epoch(multi_steps: dict[int, Callable], calls: list[int], state: TrainState, images, labels, perm, *,
-              progress: Callable[[int], None] | None = None, progress_due: Callable[[], bool] | None = None
+def run_epoch(multi_steps: dict[int, Callable], calls: list[int], state: TrainState, images, labels, perm,
+              hyper: StepHyper, *, progress: Callable[[int], None] | None = None, progress_due: Callable[[], bool] | None = None
               ) -> tuple[TrainState, dict[str, float]]:
-  """Runs one epoch as ``multi_steps[k](state, images, labels, perm)`` for each ``k`` in ``calls`` (see
+  """Runs one epoch as ``multi_steps[k](state, images, labels, perm, hyper)`` for each ``k`` in ``calls`` (see
   :func:`make_multi_step`); returns the new state and the epoch's metric sums as floats (one device→host copy).
 
   The host keeps at most :data:`arreg_jax.sharding.MAX_IN_FLIGHT` calls in flight: on several XLA:CPU devices a host
@@ -266,7 +318,7 @@ def run_epoch(multi_steps: dict[int, Callable], calls: list[int], state: TrainSt
   pending = collections.deque()  # (steps done once this call has finished, its outputs), oldest first
   sums, done = None, 0
   for k in calls:
-    state, m = multi_steps[k](state, images, labels, perm)
+    state, m = multi_steps[k](state, images, labels, perm, hyper)
     sums = m if sums is None else add_metrics(sums, m)
     done += k
     pending.append((done, sums))
@@ -281,92 +333,3 @@ def run_epoch(multi_steps: dict[int, Callable], calls: list[int], state: TrainSt
       if finished is not None:
         progress(finished)
   return state, {k: float(v) for k, v in jax.device_get(sums).items()}
-
-
-def make_eval_step(module: nn.Module, *, augment_kind: str, pgd_cfg: ml_collections.ConfigDict | None):
-  """Returns the jitted ``eval_step(variables, images, labels, start, stop, key, *, batch_size, padded_size,
-  batch_sharding) -> metric sums`` that :func:`evaluate` calls once per batch.
-
-  The batch is gathered inside the program from the device-resident ``images``/``labels``: ``padded_size`` (≥
-  ``batch_size``, static) rows from example ``start`` on (wrapping around the split), of which only the first
-  ``batch_size`` at positions < ``stop`` count; with a ``batch_sharding`` (static) the rows are split over its mesh,
-  so each device evaluates its share. The PGD key is ``fold_in(key, start // batch_size)``, and the random start of
-  a row does not depend on ``padded_size`` (threefry bits are indexed by position), so padding the batch to a
-  multiple of the device count changes no result. Sums: clean cross-entropy and accuracy over the unmasked examples and, if
-  ``pgd_cfg`` is given, the PGD accuracy of SPEC §5: among examples classified correctly when clean, those still
-  correct after L∞ PGD (``pgd_cfg.eps``, ``steps`` steps of ``step_size``, random start) — ``pgd_correct`` /
-  ``clean_correct``.
-  """
-
-  def eval_step(variables, images, labels, start, stop, key, *, batch_size: int, padded_size: int,
-                batch_sharding=None):
-    row = jnp.arange(padded_size, dtype=jnp.int32)
-    pos = start + row
-    index = pos % images.shape[0]
-    x, y, mask = images[index], labels[index], (row < batch_size) & (pos < stop)
-    if batch_sharding is not None:
-      x, y, mask = (jax.lax.with_sharding_constraint(a, batch_sharding) for a in (x, y, mask))
-    key = jax.random.fold_in(key, start // batch_size)
-    x = augment.preprocess(key, x, kind=augment_kind, train=False)
-    logits_fn = _logits_fn(module, variables, train=False)
-    logits = logits_fn(x)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    correct = (jnp.argmax(logits, -1) == y) & mask
-    out = {
-        'loss_sum': jnp.sum(jnp.where(mask, ce, 0.0)),
-        'correct': jnp.sum(correct).astype(jnp.float32),
-        'count': jnp.sum(mask).astype(jnp.float32),
-    }
-    if pgd_cfg is not None:
-      x_adv = attacks.pgd(logits_fn, x, y, key, eps=pgd_cfg.eps, step_size=pgd_cfg.step_size,
-                          steps=int(pgd_cfg.steps), norm='linf', random_start=True)
-      still = (jnp.argmax(logits_fn(x_adv), -1) == y) & correct
-      out['pgd_correct'] = jnp.sum(still).astype(jnp.float32)
-    return out
-
-  return jax.jit(eval_step, static_argnames=('batch_size', 'padded_size', 'batch_sharding'))
-
-
-def eval_layout(images: jax.Array, batch_size: int) -> dict:
-  """The static arguments of :func:`make_eval_step`'s step for device-resident ``images``: the batch padded to a
-  multiple of their mesh's device count and split over it (one device: unpadded, unsharded)."""
-  data_mesh = images.sharding.mesh if isinstance(images.sharding, jax.sharding.NamedSharding) else None
-  batch_spec, padded = None, batch_size
-  if data_mesh is not None and data_mesh.size > 1:
-    padded = sharding.round_up(batch_size, data_mesh)
-    batch_spec = sharding.batch_sharding(data_mesh)
-  return dict(batch_size=batch_size, padded_size=padded, batch_sharding=batch_spec)
-
-
-def evaluate(eval_step, variables, images, labels, *, batch_size: int, key: jax.Array, limit: int | None = None,
-             mesh=None) -> dict[str, float]:
-  """Runs ``eval_step`` (:func:`make_eval_step`) over the first ``limit`` examples (all if None) in fixed-size,
-  padded and masked batches, data-parallel over the mesh the data lives on.
-
-  ``images``/``labels`` are best device arrays replicated over a mesh (as training keeps them): each batch is then
-  split over that mesh: the batches are those of one device, each padded (masked) to a multiple of the device
-  count, so the results do not depend on the device count beyond float rounding. Host (numpy) arrays are
-  first placed, replicated, on ``mesh`` (default: every device); arrays on one device are evaluated there. Sums
-  accumulate on the devices; the host reads them once, at the end.
-
-  Returns ``loss`` (mean CE), ``acc`` and, if computed, ``pgd_acc`` (over the clean-correct examples) and the raw
-  counts.
-  """
-  if not isinstance(images, jax.Array) or not isinstance(labels, jax.Array):
-    rep = sharding.replicated(mesh if mesh is not None else sharding.make_mesh())
-    images, labels = jax.device_put((np.asarray(images), np.asarray(labels, np.int32)), rep)
-  static = eval_layout(images, batch_size)
-  n = images.shape[0] if limit is None else min(limit, images.shape[0])
-  window = sharding.DispatchWindow()
-  totals = None
-  for start in range(0, n, batch_size):
-    out = eval_step(variables, images, labels, np.int32(start), np.int32(n), key, **static)
-    totals = out if totals is None else add_metrics(totals, out)
-    window.push(totals)
-  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-  result = {'loss': totals['loss_sum'] / totals['count'], 'acc': totals['correct'] / totals['count'],
-            'count': int(totals['count'])}
-  if 'pgd_correct' in totals:
-    result['pgd_acc'] = totals['pgd_correct'] / max(totals['correct'], 1.0)
-    result['clean_correct'] = int(totals['correct'])
-  return result

@@ -20,16 +20,16 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from arreg_jax import checkpoint, config_json, configuration, distributed, memory_plan, models, regularizers, rundir
-from arreg_jax import sharding, spectral, train
+from arreg_jax import checkpoint, config_json, configuration, distributed, evaluation, models, rundir, sharding
+from arreg_jax import train
+from arreg_jax import programs as programs_lib
 from arreg_jax import sweep as sweep_lib
 from arreg_jax.analysis import margin_tracking
 from arreg_jax.data import get_dataset
@@ -101,80 +101,58 @@ def prepare_run_dir(run_dir: str, run_cfg: dict) -> bool:
 
 @dataclasses.dataclass
 class Run:
-  """Everything one member's training needs, built once (:func:`build_run`)."""
+  """Everything one member's training needs, built once (:func:`build_run`); its compiled programs may be shared
+  with other members (:mod:`arreg_jax.programs`)."""
   config: ml_collections.ConfigDict
   strength: float
   run_dir: str
-  module: Any
-  tx: Any
+  programs: programs_lib.Programs
   schedule: Callable
   state: train.TrainState
+  hyper: train.StepHyper  # the member's ε, λ, β and training key: arguments of the shared training program
   start_epoch: int
   steps_per_epoch: int
-  calls: list[int]
-  multi_steps: dict[int, Callable]
-  permutation: Callable
-  clip: Callable | None
-  eval_step: Callable
-  clean_eval_step: Callable
+  perm_key: jax.Array
   eval_key: jax.Array
   ckpt: checkpoint.Checkpointer
   track: Callable | None
-  ortho: Callable | None
+
+  @property
+  def module(self):
+    return self.programs.module
+
+  def permutation(self, epoch: int) -> jax.Array:
+    return self.programs.permutation(self.perm_key, epoch)
+
+  def clip(self, params):
+    return self.programs.clip(params, self.config.spectral.clip_to)
 
 
-def build_run(config, strength: float, ds, data: DeviceData, mesh, run_dir: str) -> Run:
-  """Builds the model, optimizer and compiled steps of one member and restores its latest checkpoint, if any."""
-  module = models.get_module(config.model.name, num_classes=ds.num_classes,
-                             dtype=models.compute_dtype(config.precision))
+def build_run(config, strength: float, ds, data: DeviceData, mesh, run_dir: str,
+              cache: programs_lib.ProgramCache | None = None) -> Run:
+  """Builds one member's state (restoring its latest checkpoint, if any) and finds its compiled programs in
+  ``cache`` (or compiles them there)."""
   root = jax.random.key(config.seed)
   init_key, train_key, eval_key = jax.random.split(root, 3)
-  perm_key = jax.random.fold_in(root, 7)
   _, variables = models.create(config.model.name, num_classes=ds.num_classes, key=init_key,
                                input_shape=ds.image_shape)
-  batch = config.train.batch_size
-  steps_per_epoch = data.num_train // batch
-  schedule = train.lr_schedule(config.train, steps_per_epoch)
+  steps_per_epoch = data.num_train // config.train.batch_size
   tx = train.make_optimizer(config.train, steps_per_epoch)
-  state = jax.device_put(train.init_state(variables, tx), sharding.replicated(mesh))
-
+  rep = sharding.replicated(mesh)
+  state = jax.device_put(train.init_state(variables, tx), rep)
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, rundir.CHECKPOINTS), keep=config.checkpoint.keep)
   start_epoch, state = ckpt.restore_latest_intact(state)
   if start_epoch:
     logging.info('AR %g: resumed from the checkpoint of epoch %d', strength, start_epoch)
-
-  # Steps run `steps_per_call` at a time in one dispatch; an epoch's leftover steps use a second, shorter program.
-  per_call = min(config.train.steps_per_call, steps_per_epoch)
-  calls = [per_call] * (steps_per_epoch // per_call) + ([steps_per_epoch % per_call] if steps_per_epoch % per_call
-                                                         else [])
-  step_kw = dict(config=config, strength=strength, augment_kind=ds.augment, steps_per_epoch=steps_per_epoch,
-                 batch_size=batch, batch_sharding=sharding.batch_sharding(mesh), base_key=train_key)
-  make = lambda n, k: train.make_multi_step(module, tx, steps_per_call=n, microbatches=k, **step_kw)
-  micro, planned = memory_plan.plan_training(config, make, per_call, state, data.train_images, data.train_labels,
-                                             mesh, f'AR {strength:g}')
-  multi_steps = {n: planned if n == per_call else make(n, micro) for n in set(calls)}
-  clip = None
-  if config.spectral.clip_to is not None:
-    specs = spectral.layer_specs(module, variables, (1, *ds.image_shape), train=False)
-    clip = lambda params: jax.device_put(
-        spectral.clip_params(params, specs, config.spectral.clip_to, rounds=config.spectral.rounds),
-        sharding.replicated(mesh))
-  permutation = jax.jit(lambda epoch: jax.random.permutation(jax.random.fold_in(perm_key, epoch), data.num_train
-                                                             ).astype(jnp.int32),
-                        out_shardings=sharding.replicated(mesh))
-  pgd_cfg = ml_collections.ConfigDict({'eps': config.eval.pgd_eps, 'step_size': config.eval.pgd_step_size,
-                                       'steps': config.eval.pgd_steps})
-  track = _margin_tracker(config, module, ds, mesh, run_dir) if config.margins.track else None
-  ortho = jax.jit(regularizers.orthogonality_penalty) if (config.regularizer.ortho_beta or track) else None
-  eval_step = memory_plan.plan_evaluation(config, train.make_eval_step(module, augment_kind=ds.augment,
-                                                                       pgd_cfg=pgd_cfg),
-                                          state, data.test_images, data.test_labels, eval_key, mesh,
-                                          f'AR {strength:g}')
-  return Run(config=config, strength=strength, run_dir=run_dir, module=module, tx=tx, schedule=schedule,
-             state=state, start_epoch=start_epoch, steps_per_epoch=steps_per_epoch, calls=calls,
-             multi_steps=multi_steps, permutation=permutation, clip=clip, eval_step=eval_step,
-             clean_eval_step=train.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=None),
-             eval_key=eval_key, ckpt=ckpt, track=track, ortho=ortho)
+  hyper = jax.device_put(train.step_hyper(config, strength, train_key), rep)
+  eval_key = jax.device_put(eval_key, rep)
+  progs = (cache or programs_lib.ProgramCache()).get(config, strength, ds, data, mesh, state, hyper, eval_key,
+                                                     f'AR {strength:g}')
+  track = _margin_tracker(config, progs.module, ds, mesh, run_dir) if config.margins.track else None
+  return Run(config=config, strength=strength, run_dir=run_dir, programs=progs,
+             schedule=train.lr_schedule(config.train, steps_per_epoch), state=state, hyper=hyper,
+             start_epoch=start_epoch, steps_per_epoch=steps_per_epoch, perm_key=jax.random.fold_in(root, 7),
+             eval_key=eval_key, ckpt=ckpt, track=track)
 
 
 def train_epoch(run: Run, data: DeviceData, epoch: int, writer: MetricsWriter) -> dict[str, float]:
@@ -182,10 +160,10 @@ def train_epoch(run: Run, data: DeviceData, epoch: int, writer: MetricsWriter) -
   they are due); returns the epoch's metric sums. Clips the spectra after the epoch's last step when configured."""
   batch = run.config.train.batch_size
   run.state, sums = train.run_epoch(
-      run.multi_steps, run.calls, run.state, data.train_images, data.train_labels, run.permutation(epoch),
-      progress=lambda done: writer.progress(epoch, done, run.steps_per_epoch, done * batch),
+      run.programs.multi_steps, run.programs.calls, run.state, data.train_images, data.train_labels,
+      run.permutation(epoch), run.hyper, progress=lambda done: writer.progress(epoch, done, run.steps_per_epoch, done * batch),
       progress_due=writer.progress_due)
-  if run.clip is not None and epoch % run.config.spectral.every_epochs == 0:
+  if run.programs.clip is not None and epoch % run.config.spectral.every_epochs == 0:
     run.state = run.state.replace(params=run.clip(run.state.params))  # after the epoch's last step (appendix D.3)
   return sums
 
@@ -194,10 +172,10 @@ def evaluate_epoch(run: Run, data: DeviceData, num_test: int) -> dict:
   """Test loss, accuracy and PGD accuracy (on the first ``eval.pgd_examples_per_epoch`` clean-correct examples)."""
   e = run.config.eval
   variables = run.state.variables()
-  test = train.evaluate(run.eval_step, variables, data.test_images, data.test_labels, batch_size=e.batch_size,
+  test = evaluation.evaluate(run.programs.eval_step, variables, data.test_images, data.test_labels, batch_size=e.batch_size,
                         key=run.eval_key, limit=e.pgd_examples_per_epoch)
   if e.pgd_examples_per_epoch is not None and e.pgd_examples_per_epoch < num_test:
-    full = train.evaluate(run.clean_eval_step, variables, data.test_images, data.test_labels,
+    full = evaluation.evaluate(run.programs.clean_eval_step, variables, data.test_images, data.test_labels,
                           batch_size=e.batch_size, key=run.eval_key)
     test = {**full, 'pgd_acc': test['pgd_acc'], 'pgd_examples': test['count']}
   else:
@@ -235,9 +213,9 @@ def final_evaluation(run: Run, data: DeviceData) -> dict:
       'regularizer': {k: float(reg[k]) for k in ('margin_lambda', 'margin_gamma', 'ortho_beta')},
       'epsilon': run.strength * c.attack.strength_unit,
       'epochs': c.train.epochs,
-      'train': train.evaluate(run.clean_eval_step, variables, data.train_images, data.train_labels,
+      'train': evaluation.evaluate(run.programs.clean_eval_step, variables, data.train_images, data.train_labels,
                               batch_size=c.eval.batch_size, key=run.eval_key),
-      'test': train.evaluate(run.eval_step, variables, data.test_images, data.test_labels,
+      'test': evaluation.evaluate(run.programs.eval_step, variables, data.test_images, data.test_labels,
                              batch_size=c.eval.batch_size, key=run.eval_key),
   }
   final['row'] = {**final_row(run.strength, final), 'clip_to': c.spectral.clip_to,
@@ -245,8 +223,10 @@ def final_evaluation(run: Run, data: DeviceData) -> dict:
   return final
 
 
-def train_member(config, member: sweep_lib.Member, ds, data: DeviceData, mesh, run_dir: str) -> dict:
-  """Trains (or resumes, or reuses) one member; returns its final metrics (``final.json``)."""
+def train_member(config, member: sweep_lib.Member, ds, data: DeviceData, mesh, run_dir: str,
+                 cache: programs_lib.ProgramCache | None = None) -> dict:
+  """Trains (or resumes, or reuses) one member; returns its final metrics (``final.json``). ``cache`` holds the
+  compiled programs of the sweep's earlier members."""
   run_cfg = sweep_lib.member_config_dict(config, member)
   if prepare_run_dir(run_dir, run_cfg):
     logging.info('%s: finished earlier, reusing it', run_dir)
@@ -254,7 +234,7 @@ def train_member(config, member: sweep_lib.Member, ds, data: DeviceData, mesh, r
       print(f'[{member.name}] already finished: {os.path.join(run_dir, rundir.FINAL)}', flush=True)
     return rundir.read_json(os.path.join(run_dir, rundir.FINAL))
   config = sweep_lib.member_config(config, member)
-  run = build_run(config, member.strength, ds, data, mesh, run_dir)
+  run = build_run(config, member.strength, ds, data, mesh, run_dir, cache)
   writer = MetricsWriter(run_dir, epochs=config.train.epochs, tensorboard=config.logging.tensorboard,
                          progress_every_s=config.logging.progress_every_s)
   writer.resume(run.start_epoch)
@@ -264,8 +244,8 @@ def train_member(config, member: sweep_lib.Member, ds, data: DeviceData, mesh, r
       writer.start_epoch()
       sums = train_epoch(run, data, epoch, writer)
       row = epoch_row(run, epoch, sums, time.time() - t0)
-      if run.ortho is not None:
-        row['ortho_penalty'] = float(run.ortho(run.state.params))
+      if run.programs.ortho is not None:
+        row['ortho_penalty'] = float(run.programs.ortho(run.state.params))
       if run.track is not None:
         row.update(run.track(run.state.variables(), epoch))
       if epoch % config.eval.every_epochs == 0 or epoch == config.train.epochs:
@@ -377,11 +357,13 @@ def train_sweep(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
   rows = []
   t0 = time.time()
   summary = {}
+  cache = programs_lib.ProgramCache()
   for member in sweep_lib.members(config):
-    final = train_member(config, member, ds, data, mesh, os.path.join(workdir, member.name))
+    final = train_member(config, member, ds, data, mesh, os.path.join(workdir, member.name), cache)
     rows.append({**final['row'], 'run': member.name})
     summary = {'dataset': ds.name, 'model': config.model.name, 'paper': config.paper,
                'attack': config.attack.kind, 'strength_unit': config.attack.strength_unit, 'rows': rows}
     rundir.write_json(os.path.join(workdir, rundir.SUMMARY), summary)
-  logging.info('sweep finished in %.1f s', time.time() - t0)
+  logging.info('sweep finished in %.1f s; %d set(s) of compiled programs for %d member(s)', time.time() - t0,
+               cache.built, cache.built + cache.reused)
   return summary

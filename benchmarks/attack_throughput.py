@@ -57,7 +57,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from arreg_jax import attacks, models  # noqa: E402
+from arreg_jax import attacks, host_devices, models, sharding  # noqa: E402
 
 EPS, STEP_SIZE, STEPS = 8 / 255, 2 / 255, 10
 NUM_CLASSES = {'resnet56': 10, 'wrn50_2': 200}
@@ -389,7 +389,11 @@ def time_config(name: str, variables: dict, tmodel, cmodel, precision: str, batc
   dev = 'cuda' if torch.cuda.is_available() else 'cpu'
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev)
   yt = torch.from_numpy(y.astype(np.int64)).to(dev)
-  xj, yj = jax.device_put(x), jax.device_put(y)
+  # arreg_jax's default layout: the batch split over the largest number of devices that divides it (one XLA:CPU
+  # device per core unless --cpu_devices says otherwise), the weights replicated — what training and evaluation do.
+  mesh = sharding.make_mesh(sharding.data_parallel_devices(batch))
+  xj, yj = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (x, y))
+  jvars = jax.device_put(variables, sharding.replicated(mesh))
   autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if precision == 'bf16' else None
   sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
 
@@ -408,7 +412,7 @@ def time_config(name: str, variables: dict, tmodel, cmodel, precision: str, batc
   if 'arreg_jax' in methods:
     jfn = jax_pgd(name, variables, precision)
     counter = iter(range(1 << 30))
-    calls['arreg_jax'] = lambda: jax.block_until_ready(jfn(variables, xj, yj, jax.random.key(next(counter))))
+    calls['arreg_jax'] = lambda: jax.block_until_ready(jfn(jvars, xj, yj, jax.random.key(next(counter))))
   if 'torchattacks' in methods:
     atk = torchattacks.PGD(tmodel, eps=EPS, alpha=STEP_SIZE, steps=STEPS, random_start=True)
     calls['torchattacks'] = torch_call(lambda: atk(xt, yt))
@@ -461,13 +465,14 @@ def time_config(name: str, variables: dict, tmodel, cmodel, precision: str, batc
 
 def print_table(results: list[dict[str, Any]]) -> None:
   """Median and best (fastest call) images/s, their ratios, and how busy other processes kept the CPU."""
-  head = (f'{"model":9} {"prec":4} {"thr":>3} {"batch":>5} {"method":14} {"img/s":>7} {"×t.atk":>6} {"×comp":>6} '
-          f'{"best":>7} {"×t.atk":>6} {"×comp":>6} {"others CPU per call":>20}')
+  head = (f'{"model":9} {"prec":4} {"thr":>3} {"dev":>3} {"batch":>5} {"method":14} {"img/s":>7} {"×t.atk":>6} '
+          f'{"×comp":>6} {"best":>7} {"×t.atk":>6} {"×comp":>6} {"others CPU per call":>20}')
   print(head)
   print('-' * len(head))
   fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else '—'
   for r in results:
-    lead = f'{r["model"]:9} {r["precision"]:4} {r.get("threads", "?"):>3} {r["batch_size"]:>5} {r["method"]:14}'
+    lead = (f'{r["model"]:9} {r["precision"]:4} {r.get("threads", "?"):>3} {r.get("jax_devices", "?"):>3} '
+            f'{r["batch_size"]:>5} {r["method"]:14}')
     if r.get('error'):
       print(f'{lead} FAILED: {r["error"][:60]}')
       continue
@@ -492,6 +497,8 @@ def main(argv=None) -> None:
   p.add_argument('--threads', type=int, default=0,
                  help='0: all cores; 1: the process pinned to one core (os.sched_setaffinity) and '
                       'torch.set_num_threads(1): a comparison per core, less sensitive to other processes')
+  p.add_argument('--cpu_devices', default='auto',
+                 help="XLA:CPU devices for arreg_jax ('auto': one per core, the package's default; 1: one device)")
   p.add_argument('--check_only', action='store_true', help='run the equivalence checks, time nothing')
   p.add_argument('--wait_quiet', type=float, default=0.0,
                  help='before each timed call, wait up to this many seconds for other processes to use < 25%% of '
@@ -506,6 +513,10 @@ def main(argv=None) -> None:
     # and size themselves by it. (XLA_FLAGS=--xla_cpu_multi_thread_eigen=false does not make XLA:CPU serial: it
     # still used ~1.4 cores on the PGD program.)
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+  if args.threads == 1:
+    args.cpu_devices = '1'
+  host_devices.use_every_cpu_core(args.cpu_devices if args.cpu_devices == 'auto' else int(args.cpu_devices))
 
   import torch  # pylint: disable=g-import-not-at-top
   import torch._dynamo  # pylint: disable=g-import-not-at-top
@@ -552,6 +563,7 @@ def main(argv=None) -> None:
                            args.wait_quiet)
         for r in rows:
           r['threads'] = threads
+          r['jax_devices'] = len(sharding.data_parallel_devices(batch))
         print_table(rows)
         results.extend(rows)
 
@@ -572,7 +584,8 @@ def main(argv=None) -> None:
       'equivalence': equivalence,
       'results': results,
   }
-  out = write_results(args.out, out, ('model', 'precision', 'batch_size', 'method', 'threads'), args.merge)
+  out = write_results(args.out, out, ('model', 'precision', 'batch_size', 'method', 'threads', 'jax_devices'),
+                      args.merge)
   print('\n== all results in ' + args.out)
   print_table(out['results'])
 

@@ -48,23 +48,24 @@ def build(model: str, batch: int, k: int, num_train: int):
   images = jax.device_put(rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8), rep)
   labels = jax.device_put(rng.integers(0, 10, (num_train,)).astype(np.int32), rep)
   perm = jax.device_put(rng.permutation(num_train).astype(np.int32), rep)
-  step = train.make_multi_step(module, tx, steps_per_call=1, batch_size=batch, config=cfg, strength=8.0,
+  step = train.make_multi_step(module, tx, steps_per_call=1, batch_size=batch, config=cfg, adversarial=True,
                                augment_kind='cifar', steps_per_epoch=steps_per_epoch, microbatches=k,
-                               batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
-  return step.lower(state, images, labels, perm).compile(), (state, images, labels, perm)
+                               batch_sharding=sharding.batch_sharding(mesh))
+  hyper = jax.device_put(train.step_hyper(cfg, 8.0, jax.random.key(1)), rep)
+  return step.lower(state, images, labels, perm, hyper).compile(), (state, images, labels, perm, hyper)
 
 
 def measure(model: str, batch: int, k: int, steps: int, num_train: int) -> dict:
   t0 = time.perf_counter()
-  program, (state, images, labels, perm) = build(model, batch, k, num_train)
+  program, (state, images, labels, perm, hyper) = build(model, batch, k, num_train)
   compile_s = time.perf_counter() - t0
   fp = memory_plan.footprint(program)
-  state, m = program(state, images, labels, perm)  # warm-up
+  state, m = program(state, images, labels, perm, hyper)  # warm-up
   jax.block_until_ready(m)
   times = []
   for _ in range(steps):
     t = time.perf_counter()
-    state, m = program(state, images, labels, perm)
+    state, m = program(state, images, labels, perm, hyper)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   row = {'model': model, 'batch': batch, 'microbatches': k, 'microbatch_size': batch // k,

@@ -166,20 +166,22 @@ def bench_precision(precision: str, args, images, labels, mesh) -> dict[str, Any
   tx = train.make_optimizer(config.train, steps_per_epoch)
   state = jax.device_put(train.init_state(variables, tx), sharding.replicated(mesh))
   k = args.steps_per_call
-  multi_step = train.make_multi_step(module, tx, steps_per_call=k, config=config, strength=strength,
-                                     augment_kind='cifar', steps_per_epoch=steps_per_epoch, batch_size=batch,
-                                     batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
+  multi_step = train.make_multi_step(module, tx, steps_per_call=k, config=config,
+                                     adversarial=train.is_adversarial(config, strength), augment_kind='cifar',
+                                     steps_per_epoch=steps_per_epoch, batch_size=batch,
+                                     batch_sharding=sharding.batch_sharding(mesh))
+  hyper = jax.device_put(train.step_hyper(config, strength, jax.random.key(1)), sharding.replicated(mesh))
   perm = jax.device_put(jax.random.permutation(jax.random.key(2), EPOCH_IMAGES).astype(jnp.int32),
                         sharding.replicated(mesh))
   print(f'\n== {precision}: batch {batch}, {k} step(s) per call, PGD-{config.attack.steps} at ε = {strength:g}/255',
         flush=True)
   t0 = time.perf_counter()
-  lowered = multi_step.lower(state, images, labels, perm)
+  lowered = multi_step.lower(state, images, labels, perm, hyper)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   whole_step_xla_flops = _flops(compiled) / k
   t0 = time.perf_counter()
-  state, m = compiled(state, images, labels, perm)
+  state, m = compiled(state, images, labels, perm, hyper)
   jax.block_until_ready(m)
   warm_s = time.perf_counter() - t0
   print(f'  compiled in {compile_s:.1f} s; first call {warm_s:.1f} s', flush=True)
@@ -188,7 +190,7 @@ def bench_precision(precision: str, args, images, labels, mesh) -> dict[str, Any
   for _ in range(calls):
     waited += common.wait_for_quiet(args.wait_quiet) if args.wait_quiet else 0.0
     with common.CpuShare() as share:
-      state, m = compiled(state, images, labels, perm)
+      state, m = compiled(state, images, labels, perm, hyper)
       jax.block_until_ready(m)
     times.append(share.wall)
     shares.append(share.others)

@@ -36,13 +36,14 @@ def trained_cnn(mnist_small):
   tx = train.make_optimizer(cfg.train, steps)
   state = train.init_state(variables, tx)
   mesh = sharding.make_mesh()
-  step = train.make_train_step(module, tx, config=cfg, strength=0.0, augment_kind='none', steps_per_epoch=steps,
-                               batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
+  step = train.make_train_step(module, tx, config=cfg, adversarial=False, augment_kind='none',
+                               steps_per_epoch=steps, batch_sharding=sharding.batch_sharding(mesh))
+  hyper = train.step_hyper(cfg, 0.0, jax.random.key(1))
   images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
   for epoch in range(2):
     perm = np.random.default_rng(epoch).permutation(ds.num_train).astype(np.int32)
     for i in range(steps):
-      state, _ = step(state, images, labels, perm[i * 128:(i + 1) * 128])
+      state, _ = step(state, images, labels, perm[i * 128:(i + 1) * 128], hyper)
   variables = state.variables()
   logits_fn = jax.jit(lambda x: module.apply(variables, x))
   x = jnp.asarray(ds.test_images, jnp.float32) / 255.0

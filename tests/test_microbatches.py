@@ -28,14 +28,18 @@ def _setup(random_start=True, lam=0.0):
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8))
   labels = jnp.asarray(rng.integers(0, 10, (32,)), jnp.int32)
-  kw = dict(config=cfg, strength=0.1, augment_kind='none', steps_per_epoch=4,
-            batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
+  kw = dict(config=cfg, adversarial=True, augment_kind='none', steps_per_epoch=4,
+            batch_sharding=sharding.batch_sharding(mesh))
   return cfg, module, tx, state, images, labels, kw
+
+
+def _hyper(cfg):
+  return train.step_hyper(cfg, 0.1, jax.random.key(1))
 
 
 def _step(module, tx, state, images, labels, k, kw):
   step = jax.jit(train.train_step_fn(module, tx, microbatches=k, **kw))
-  return step(state, images, labels, jnp.arange(B, dtype=jnp.int32))
+  return step(state, images, labels, jnp.arange(B, dtype=jnp.int32), _hyper(kw['config']))
 
 
 @pytest.mark.parametrize('lam', [0.0, 0.5])
@@ -54,16 +58,18 @@ def test_microbatches_give_the_update_of_one_batch(lam):
 
 
 def _reference_step(module, tx, *, config, strength, augment_kind, steps_per_epoch, batch_sharding, base_key):
-  """The training step as it was before microbatches existed (no regularizer), for the bit-for-bit check."""
-  attack = train.make_attack(config.attack, strength)
+  """The training step as it was before microbatches existed (no regularizer, ε a constant), for the bit-for-bit
+  check."""
+  attack = train.make_attack(config.attack)
+  eps = float(strength) * float(config.attack.strength_unit)
 
   def step(state, images, labels, batch_index):
     k_aug, k_att = jax.random.split(jax.random.fold_in(base_key, state.step))
     x = jax.lax.with_sharding_constraint(images[batch_index], batch_sharding)
     y = jax.lax.with_sharding_constraint(labels[batch_index], batch_sharding)
     x = augment.preprocess(k_aug, x, kind=augment_kind, train=True)
-    fixed = train._logits_fn(module, state.variables(), train=False)
-    x = attack(fixed, x, y, k_att, train.attack_eps(config.attack, strength, state.step, 0))
+    fixed = train.logits_fn_of(module, state.variables(), train=False)
+    x = attack(fixed, x, y, k_att, eps)
     loss_fn = lambda p: train.update_loss(module, p, state.batch_stats, x, y, 0.0, 1.0, 0.0)
     (loss, (logits, new_stats, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -78,12 +84,13 @@ def _reference_step(module, tx, *, config, strength, augment_kind, steps_per_epo
 def test_one_microbatch_is_the_unsplit_program_bit_for_bit():
   cfg, module, tx, state, images, labels, kw = _setup(random_start=True)
   assert cfg.train.microbatches == 1  # the default
-  ref = jax.jit(_reference_step(module, tx, **kw))
+  ref_kw = {**{k: v for k, v in kw.items() if k != 'adversarial'}, 'strength': 0.1, 'base_key': jax.random.key(1)}
+  ref = jax.jit(_reference_step(module, tx, **ref_kw))
   new = jax.jit(train.train_step_fn(module, tx, **kw))
   a, b, index = state, state, jnp.arange(B, dtype=jnp.int32)
   for t in range(2):
     a, ma = ref(a, images, labels, index + t)
-    b, mb = new(b, images, labels, index + t)
+    b, mb = new(b, images, labels, index + t, _hyper(cfg))
   for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((b, mb))):
     np.testing.assert_array_equal(x, y)
 
@@ -144,14 +151,15 @@ def test_real_compiled_step_is_planned():
   """The compiled mlp step's own footprint: fits in the host's memory, and not in 1 kB."""
   _, module, tx, state, images, labels, kw = _setup()
   idx = jnp.arange(B, dtype=jnp.int32)
+  hyper = _hyper(kw['config'])
   compile_k = lambda k: jax.jit(train.train_step_fn(module, tx, microbatches=k, **kw)).lower(
-      state, images, labels, idx).compile()
+      state, images, labels, idx, hyper).compile()
   free = memory_plan.free_bytes()
   assert free is not None and free > 0
   k, program = memory_plan.plan_train_step(compile_k, 2, [1, 2, 4], what='t', free=free)
   fp = memory_plan.footprint(program)
   assert fp is not None and fp.temp > 0 and fp.argument > 0
-  assert k == 2 and int(program(state, images, labels, idx)[0].step) == 1
+  assert k == 2 and int(program(state, images, labels, idx, hyper)[0].step) == 1
   with pytest.raises(MemoryPlanError, match='microbatch'):
     memory_plan.plan_train_step(compile_k, 1, [1, 2, 4], what='t', free=1000)
 

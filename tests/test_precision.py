@@ -19,13 +19,14 @@ def test_bfloat16_training_learns_and_attacks_stay_in_ball(mnist_small):
   tx = train.make_optimizer(cfg.train, steps)
   mesh = sharding.make_mesh()
   state = jax.device_put(train.init_state(variables, tx), sharding.replicated(mesh))
-  multi = train.make_multi_step(module, tx, steps_per_call=steps, batch_size=128, config=cfg, strength=0.1,
+  multi = train.make_multi_step(module, tx, steps_per_call=steps, batch_size=128, config=cfg, adversarial=True,
                                 augment_kind='none', steps_per_epoch=steps,
-                                batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
+                                batch_sharding=sharding.batch_sharding(mesh))
+  hyper = train.step_hyper(cfg, 0.1, jax.random.key(1))
   images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
   for epoch in range(3):
     perm = jnp.asarray(np.random.default_rng(epoch).permutation(ds.num_train), jnp.int32)
-    state, _ = multi(state, images, labels, perm)
+    state, _ = multi(state, images, labels, perm, hyper)
   for leaf in jax.tree.leaves((state.params, state.opt_state)):
     assert leaf.dtype in (jnp.float32, jnp.int32)
   x = jnp.asarray(ds.test_images, jnp.float32) / 255

@@ -172,11 +172,11 @@ def test_regularized_train_step_runs_and_reports_margin_term():
   tx = train.make_optimizer(cfg.train, 4)
   mesh = sharding.make_mesh()
   state = train.init_state(variables, tx)
-  step = train.make_train_step(module, tx, config=cfg, strength=0.0, augment_kind='none', steps_per_epoch=4,
-                               batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
+  step = train.make_train_step(module, tx, config=cfg, adversarial=False, augment_kind='none', steps_per_epoch=4,
+                               batch_sharding=sharding.batch_sharding(mesh))
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8))
   labels = jnp.asarray(np.arange(16) % 10, jnp.int32)
-  state, m = step(state, images, labels, jnp.arange(8, dtype=jnp.int32))
+  state, m = step(state, images, labels, jnp.arange(8, dtype=jnp.int32), train.step_hyper(cfg, 0.0, jax.random.key(1)))
   assert 'margin_term_sum' in m and np.isfinite(float(m['margin_term_sum']))
   assert 0.0 <= float(m['margin_term_sum']) <= 2.0 * 8
 
@@ -201,11 +201,12 @@ def test_spectral_norm_u_updated_by_the_train_step_only():
   tx = train.make_optimizer(cfg.train, 4)
   mesh = sharding.make_mesh()
   state = train.init_state(variables, tx)
-  step = train.make_train_step(module, tx, config=cfg, strength=0.1, augment_kind='none', steps_per_epoch=4,
-                               batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
+  step = train.make_train_step(module, tx, config=cfg, adversarial=True, augment_kind='none', steps_per_epoch=4,
+                               batch_sharding=sharding.batch_sharding(mesh))
   images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8))
   labels = jnp.arange(8, dtype=jnp.int32) % 10
-  new, _ = step(jax.tree.map(jnp.copy, state), images, labels, jnp.arange(8, dtype=jnp.int32))
+  new, _ = step(jax.tree.map(jnp.copy, state), images, labels, jnp.arange(8, dtype=jnp.int32),
+                train.step_hyper(cfg, 0.1, jax.random.key(1)))
   for a, b in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(once)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

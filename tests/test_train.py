@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from arreg_jax import configuration, models, presets, sharding, train
+from arreg_jax import configuration, evaluation, models, presets, sharding, train
 
 
 def test_piecewise_constant_schedule_matches_paper():
@@ -46,10 +46,13 @@ def test_sgd_momentum_update_is_pytorch_sgd():
 
 
 def test_eps_ramp():
-  a = ml_collections.ConfigDict({'strength_unit': 1 / 255})
-  assert abs(float(train.attack_eps(a, 8, jnp.asarray(99), 0)) - 8 / 255) < 1e-9
-  eps = [float(train.attack_eps(a, 8, jnp.asarray(s), 100)) for s in (0, 49, 99, 500)]
-  np.testing.assert_allclose(eps, [8 / 255 / 100, 8 / 255 / 2, 8 / 255, 8 / 255], rtol=1e-6)
+  cfg = configuration.base_config()
+  cfg.attack.strength_unit = 1 / 255
+  eps = train.step_hyper(cfg, 8, jax.random.key(0)).eps
+  assert eps.dtype == jnp.float32 and float(eps) == float(np.float32(8 / 255))
+  assert float(train.attack_eps(eps, jnp.asarray(99), 0)) == float(eps)
+  ramped = [float(train.attack_eps(eps, jnp.asarray(s), 100)) for s in (0, 49, 99, 500)]
+  np.testing.assert_allclose(ramped, [8 / 255 / 100, 8 / 255 / 2, 8 / 255, 8 / 255], rtol=1e-6)
 
 
 def _step_for(name, strength, bn_mode="eval"):
@@ -61,18 +64,18 @@ def _step_for(name, strength, bn_mode="eval"):
   tx = train.make_optimizer(cfg.train, 4)
   mesh = sharding.make_mesh()
   state = jax.device_put(train.init_state(variables, tx), sharding.replicated(mesh))
-  step = train.make_train_step(module, tx, config=cfg, strength=strength, augment_kind='cifar', steps_per_epoch=4,
-                               batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
+  step = train.make_train_step(module, tx, config=cfg, adversarial=train.is_adversarial(cfg, strength),
+                               augment_kind='cifar', steps_per_epoch=4, batch_sharding=sharding.batch_sharding(mesh))
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
   labels = jnp.asarray(np.arange(16) % 10, jnp.int32)
-  return state, step, images, labels
+  return state, step, images, labels, train.step_hyper(cfg, strength, jax.random.key(1))
 
 
 def test_batchnorm_step_updates_running_stats_once():
   for mode in ('eval', 'batch'):
-    state, step, images, labels = _step_for('resnet20_bn', 8.0, mode)
+    state, step, images, labels, hyper = _step_for('resnet20_bn', 8.0, mode)
     before = jax.tree.map(np.asarray, state.batch_stats)
-    state, metrics = step(state, images, labels, jnp.arange(8, dtype=jnp.int32))
+    state, metrics = step(state, images, labels, jnp.arange(8, dtype=jnp.int32), hyper)
     after = state.batch_stats
     assert int(state.step) == 1 and np.isfinite(float(metrics['loss_sum']))
     # Running means move by (1 - momentum) = 0.1 toward one batch's statistics: a single update, not one per
@@ -85,26 +88,29 @@ def test_batchnorm_step_updates_running_stats_once():
 
 
 def test_train_step_compiles_once_and_is_deterministic():
-  state, step, images, labels = _step_for('resnet20', 8.0)
-  s2 = jax.tree.map(jnp.copy, state)
+  state, step, images, labels, hyper = _step_for('resnet20', 8.0)
+  s2, s3 = jax.tree.map(jnp.copy, state), jax.tree.map(jnp.copy, state)
   idx = jnp.arange(8, dtype=jnp.int32)
-  a, _ = step(state, images, labels, idx)
-  a, _ = step(a, images, labels, idx + 8)
-  b, _ = step(s2, images, labels, idx)
-  b, _ = step(b, images, labels, idx + 8)
+  a, _ = step(state, images, labels, idx, hyper)
+  a, _ = step(a, images, labels, idx + 8, hyper)
+  b, _ = step(s2, images, labels, idx, hyper)
+  b, _ = step(b, images, labels, idx + 8, hyper)
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_array_equal(x, y)
+  # Another member's ε (AR 4 instead of 8) runs the same compiled program, and trains differently.
+  c, _ = step(s3, images, labels, idx, hyper.replace(eps=hyper.eps / 2))
   assert step._cache_size() == 1
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(c.params), jax.tree.leaves(a.params)))
 
 
 def test_evaluate_masks_padding_and_counts_pgd_over_clean_correct():
   module = models.get_module('small_cnn', num_classes=10)
   _, variables = models.create('small_cnn', num_classes=10, key=jax.random.key(0))
   cfg = ml_collections.ConfigDict({'eps': 0.0, 'step_size': 0.0, 'steps': 1})
-  step = train.make_eval_step(module, augment_kind='none', pgd_cfg=cfg)
+  step = evaluation.make_eval_step(module, augment_kind='none', pgd_cfg=cfg)
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (37, 28, 28, 1), dtype=np.uint8))
   labels = jnp.asarray(np.arange(37) % 10, jnp.int32)
-  out = train.evaluate(step, variables, images, labels, batch_size=16, key=jax.random.key(0))
+  out = evaluation.evaluate(step, variables, images, labels, batch_size=16, key=jax.random.key(0))
   logits = module.apply(variables, images.astype(jnp.float32) / 255)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   assert out['count'] == 37
@@ -128,33 +134,32 @@ def test_steady_state_steps_make_no_host_to_device_copies():
   images = jax.device_put(rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8), sharding.replicated(mesh))
   labels = jax.device_put(rng.integers(0, 10, (32,), dtype=np.int32), sharding.replicated(mesh))
   perm = jax.device_put(np.random.default_rng(1).permutation(32).astype(np.int32), sharding.replicated(mesh))
-  multi = train.make_multi_step(module, tx, steps_per_call=2, batch_size=8, config=cfg, strength=0.1,
-                                augment_kind='none', steps_per_epoch=4,
-                                batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
-  state, _ = multi(state, images, labels, perm)  # compile outside the guard
+  multi = train.make_multi_step(module, tx, steps_per_call=2, batch_size=8, config=cfg, adversarial=True,
+                                augment_kind='none', steps_per_epoch=4, batch_sharding=sharding.batch_sharding(mesh))
+  hyper = jax.device_put(train.step_hyper(cfg, 0.1, jax.random.key(1)), sharding.replicated(mesh))
+  state, _ = multi(state, images, labels, perm, hyper)  # compile outside the guard
   with jax.transfer_guard_host_to_device('disallow'):
     for _ in range(3):
-      state, metrics = multi(state, images, labels, perm)
+      state, metrics = multi(state, images, labels, perm, hyper)
   assert int(state.step) == 8
   assert np.isfinite(float(metrics['loss_sum']))
 
 
 def test_multi_step_equals_single_steps():
   """steps_per_call = 3 in one dispatch trains exactly as three single steps on the same permutation."""
-  state, step, images, labels = _step_for('resnet20', 4.0)
+  state, step, images, labels, hyper = _step_for('resnet20', 4.0)
   cfg = configuration.base_config()
   cfg.attack.steps = 2
   module = models.get_module('resnet20', num_classes=10)
   tx = train.make_optimizer(cfg.train, 4)
   mesh = sharding.make_mesh()
-  multi = train.make_multi_step(module, tx, steps_per_call=3, batch_size=4, config=cfg, strength=4.0,
-                                augment_kind='cifar', steps_per_epoch=4,
-                                batch_sharding=sharding.batch_sharding(mesh), base_key=jax.random.key(1))
+  multi = train.make_multi_step(module, tx, steps_per_call=3, batch_size=4, config=cfg, adversarial=True,
+                                augment_kind='cifar', steps_per_epoch=4, batch_sharding=sharding.batch_sharding(mesh))
   perm = jnp.asarray(np.random.default_rng(1).permutation(16), jnp.int32)
-  s_multi, m_multi = multi(jax.tree.map(jnp.copy, state), images, labels, perm)
+  s_multi, m_multi = multi(jax.tree.map(jnp.copy, state), images, labels, perm, hyper)
   total = 0.0
   for t in range(3):
-    state, m = step(state, images, labels, perm[4 * t:4 * t + 4])
+    state, m = step(state, images, labels, perm[4 * t:4 * t + 4], hyper)
     total += float(m['loss_sum'])
   assert int(s_multi.step) == 3
   np.testing.assert_allclose(float(m_multi['loss_sum']), total, rtol=1e-5)

@@ -15,6 +15,7 @@ both. A model name ending in ``_sn`` is the same network with Miyato spectral no
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -89,8 +90,7 @@ def create(name: str, *, num_classes: int, key: jax.Array, input_shape: tuple[in
   """
   module = get_module(name, num_classes=num_classes, dtype=dtype)
   shape = tuple(input_shape or DEFAULT_INPUT_SHAPE[name])
-  variables = jax.jit(lambda k: module.init(k, jnp.zeros((1, *shape), jnp.float32), train=False))(key)
-  variables = dict(variables)
+  variables = dict(_init_fn(module, shape)(key))
 
   def apply_fn(variables, images, *, train: bool = False):
     if train and has_batch_norm(variables):
@@ -99,6 +99,13 @@ def create(name: str, *, num_classes: int, key: jax.Array, input_shape: tuple[in
     return module.apply(variables, images, train=train)
 
   return apply_fn, variables
+
+
+@functools.lru_cache(maxsize=None)
+def _init_fn(module: nn.Module, shape: tuple[int, ...]):
+  """The jitted ``key -> variables`` of ``module`` on inputs of ``shape``, compiled once per (module, shape): the
+  members of a sweep initialize with one program."""
+  return jax.jit(lambda k: module.init(k, jnp.zeros((1, *shape), jnp.float32), train=False))
 
 
 def compute_dtype(precision: str):

@@ -19,7 +19,8 @@ from arreg_jax.data import augment
 from arreg_jax.train import add_metrics, logits_fn_of
 
 
-def make_eval_step(module: nn.Module, *, augment_kind: str, pgd_cfg: ml_collections.ConfigDict | None):
+def make_eval_step(module: nn.Module, *, augment_kind: str, pgd_cfg: ml_collections.ConfigDict | None,
+                   chunks: int = 1):
   """Returns the jitted ``eval_step(variables, images, labels, start, stop, key, *, batch_size, padded_size,
   batch_sharding) -> metric sums`` that :func:`evaluate` calls once per batch.
 
@@ -32,6 +33,12 @@ def make_eval_step(module: nn.Module, *, augment_kind: str, pgd_cfg: ml_collecti
   ``pgd_cfg`` is given, the PGD accuracy of SPEC §5: among examples classified correctly when clean, those still
   correct after L∞ PGD (``pgd_cfg.eps``, ``steps`` steps of ``step_size``, random start) — ``pgd_correct`` /
   ``clean_correct``.
+
+  ``chunks`` = k > 1 attacks the batch in k chunks, one after the other (``lax.map``), to bound the attack's memory
+  (:func:`arreg_jax.memory_plan.plan_evaluation` chooses k when a batch does not fit). The random start is drawn for
+  the whole batch first and each chunk starts from its rows of it, so every example gets the same start — and the
+  same result up to float rounding — as with k = 1: the metrics do not depend on the memory they were computed in.
+  Chunk c holds rows c, c + k, c + 2k, … so that each chunk stays split over the devices like the batch.
   """
 
   def eval_step(variables, images, labels, start, stop, key, *, batch_size: int, padded_size: int,
@@ -54,12 +61,21 @@ def make_eval_step(module: nn.Module, *, augment_kind: str, pgd_cfg: ml_collecti
         'count': jnp.sum(mask).astype(jnp.float32),
     }
     if pgd_cfg is not None:
-      x_adv = attacks.pgd(logits_fn, x, y, key, eps=pgd_cfg.eps, step_size=pgd_cfg.step_size,
-                          steps=int(pgd_cfg.steps), norm='linf', random_start=True)
+      attack = lambda x, y, delta: attacks.pgd(logits_fn, x, y, key, eps=pgd_cfg.eps, step_size=pgd_cfg.step_size,
+                                               steps=int(pgd_cfg.steps), norm='linf', init_delta=delta)
+      delta = attacks.pgd_random_start(key, x.shape, pgd_cfg.eps)
+      if chunks == 1:
+        x_adv = attack(x, y, delta)
+      else:
+        split = lambda a: jnp.swapaxes(a.reshape(padded_size // chunks, chunks, *a.shape[1:]), 0, 1)
+        x_adv = jax.lax.map(lambda a: attack(*a), (split(x), split(y), split(delta)))
+        x_adv = jnp.swapaxes(x_adv, 0, 1).reshape(x.shape)
       still = (jnp.argmax(logits_fn(x_adv), -1) == y) & correct
       out['pgd_correct'] = jnp.sum(still).astype(jnp.float32)
     return out
 
+  if chunks < 1:
+    raise ValueError(f'chunks must be >= 1, got {chunks}')
   return jax.jit(eval_step, static_argnames=('batch_size', 'padded_size', 'batch_sharding'))
 
 

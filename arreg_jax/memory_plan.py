@@ -165,19 +165,36 @@ def plan_train_step(compile_k: Callable[[int], Any], requested, candidates: Sequ
                         f'{jax.local_devices()[0].platform}; {fix}')
 
 
-def plan_eval_step(program, *, batch_size: int, what: str, free: int | None) -> None:
-  """Raises MemoryPlanError when the compiled evaluation step does not fit, suggesting a smaller
-  ``config.eval.batch_size`` (estimated: temporaries taken as proportional to the batch)."""
+def plan_eval_step(compile_k: Callable[[int], Any], candidates: Sequence[int], *, batch_size: int, what: str,
+                   free: int | None) -> tuple[int, Any]:
+  """Chooses how many chunks the evaluation step attacks its batch in: ``(k, compiled program)``.
+
+  ``compile_k(k)`` compiles the step attacking in k chunks (:func:`arreg_jax.evaluation.make_eval_step`; the
+  metrics do not depend on k); ``candidates`` are the admissible k, ascending from 1. The smallest k that fits is
+  taken (logged when > 1). Raises MemoryPlanError, suggesting a smaller ``config.eval.batch_size``, when even the
+  largest does not fit.
+  """
+  program = compile_k(1)
   fp = footprint(program)
   if fp is None or free is None:
-    return
+    return 1, program
   logging.info('memory plan: evaluation at batch %d: %s', batch_size, describe(fp, free))
   if fits(fp, free):
-    return
+    return 1, program
+  rest = [k for k in candidates if k > 1 and _predicted_new(fp, 1, k) <= SAFETY * free]
+  measure = lambda k: (lambda p: (p, footprint(p)))(compile_k(k))
+  k, chosen, last = smallest_fitting(measure, rest, free)
+  if k is not None:
+    logging.info('%s: the evaluation step attacks its batch of %d in %d chunks of %d: %s', what, batch_size, k,
+                 batch_size // k, describe(last, free))
+    return k, chosen
+  k_max = max(candidates)
   room = SAFETY * free - (fp.output - fp.alias)
-  suggested = max(int(batch_size * room / max(fp.temp, 1)), 1) if room > 0 else 1
-  raise MemoryPlanError(f'{what}: the compiled evaluation step (PGD, batch {batch_size}) {describe(fp, free)}; '
-                        f'lower --config.eval.batch_size (about {suggested} would fit)')
+  # Temporaries taken as shrinking like 1/k with the chunks and growing like the batch: an estimate.
+  suggested = max(int(batch_size * k_max * room / max(fp.temp, 1)), 1) if room > 0 else 1
+  raise MemoryPlanError(f'{what}: the compiled evaluation step (PGD, batch {batch_size}) {describe(fp, free)}, and '
+                        f'no split of its attack into up to {k_max} chunks fits; lower --config.eval.batch_size '
+                        f'(about {suggested} would fit)')
 
 
 class Precompiled:
@@ -215,12 +232,20 @@ def plan_training(config, make: Callable, per_call: int, state, hyper, images, l
   return k, program
 
 
-def plan_evaluation(config, eval_step, state, images, labels, key, mesh, what: str):
-  """The PGD evaluation step, compiled ahead of time on the test set and checked against the device memory
-  (:func:`plan_eval_step`); returns a step that runs that program on the test set (other
-  data: ``eval_step`` itself)."""
+def plan_evaluation(config, make_eval: Callable[[int], Callable], state, images, labels, key, mesh, what: str):
+  """The PGD evaluation step, compiled ahead of time on the test set in as few attack chunks as fit the device
+  memory (:func:`plan_eval_step`); ``make_eval(k)`` is the jitted step attacking in k chunks. Returns a step that runs
+  that program on the test set (other data: the jitted step of the same k)."""
   static = evaluation.eval_layout(images, config.eval.batch_size)
   args = (state.variables(), images, labels, np.int32(0), np.int32(1), key)
-  program = eval_step.lower(*args, **static).compile()
-  plan_eval_step(program, batch_size=config.eval.batch_size, what=what, free=_local_free_bytes(mesh))
-  return Precompiled(eval_step, program, images.shape, static)
+  steps = {}
+
+  def compile_k(k):
+    steps[k] = make_eval(k)
+    return steps[k].lower(*args, **static).compile()
+
+  devices = static['batch_sharding'].mesh.size if static['batch_sharding'] is not None else 1
+  candidates = configuration.divisors(static['padded_size'] // devices)
+  k, program = plan_eval_step(compile_k, candidates, batch_size=config.eval.batch_size, what=what,
+                              free=_local_free_bytes(mesh))
+  return Precompiled(steps[k], program, images.shape, static)

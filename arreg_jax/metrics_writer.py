@@ -64,6 +64,7 @@ class MetricsWriter:
         self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(run_dir, rundir.TENSORBOARD))
     self._epoch_start = None
     self._last_progress = None
+    self._microbatches_seen = 0
 
   def print(self, text: str) -> None:
     if self._main:
@@ -81,6 +82,7 @@ class MetricsWriter:
 
   def start_epoch(self) -> None:
     self._epoch_start = self._last_progress = time.time()
+    self._microbatches_seen = 0
 
   def progress_due(self) -> bool:
     """Whether an in-epoch progress line is due (checked at dispatch boundaries; costs no device sync)."""
@@ -95,6 +97,23 @@ class MetricsWriter:
     eta = elapsed / max(steps_done, 1) * (steps_total - steps_done)
     self.print(f'epoch {epoch}/{self.epochs}  step {steps_done}/{steps_total}  {rate:.0f} img/s  '
                f'epoch ETA {format_duration(eta)}')
+
+  def microbatch_progress(self, epoch: int, step: int, i: int, microbatches: int, steps_total: int,
+                          batch: int) -> None:
+    """An in-epoch progress line, when due, from inside a step: microbatch ``i`` (0-based) of the epoch's step
+    ``step`` (0-based) has finished (:func:`arreg_jax.train.microbatch_listener`; may come from a callback thread,
+    once per device)."""
+    done = step * microbatches + i + 1  # microbatches finished in this epoch
+    if done <= self._microbatches_seen or not self.progress_due():
+      return
+    self._microbatches_seen = done
+    now = time.time()
+    self._last_progress = now
+    elapsed = now - self._epoch_start
+    rate = done * batch / microbatches / elapsed if elapsed > 0 else float('nan')
+    eta = elapsed / done * (steps_total * microbatches - done)
+    self.print(f'epoch {epoch}/{self.epochs}  step {step + 1}/{steps_total}, microbatch {i + 1}/{microbatches} done  '
+               f'{rate:.1f} img/s  epoch ETA {format_duration(eta)}')
 
   def write_epoch(self, row: dict) -> None:
     """:meth:`record_epoch` then :meth:`print_epoch`."""

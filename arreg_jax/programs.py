@@ -69,9 +69,9 @@ def build(config: ml_collections.ConfigDict, strength: float, ds, data, mesh, st
                         out_shardings=sharding.replicated(mesh))
   pgd_cfg = ml_collections.ConfigDict({'eps': config.eval.pgd_eps, 'step_size': config.eval.pgd_step_size,
                                        'steps': config.eval.pgd_steps})
-  eval_step = memory_plan.plan_evaluation(config, evaluation.make_eval_step(module, augment_kind=ds.augment,
-                                                                       pgd_cfg=pgd_cfg),
-                                          state, data.test_images, data.test_labels, eval_key, mesh, what)
+  make_eval = lambda k: evaluation.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=pgd_cfg, chunks=k)
+  eval_step = memory_plan.plan_evaluation(config, make_eval, state, data.test_images, data.test_labels, eval_key,
+                                          mesh, what)
   ortho = jax.jit(regularizers.orthogonality_penalty) if (config.regularizer.ortho_beta or config.margins.track
                                                           ) else None
   return Programs(module=module, microbatches=micro, calls=calls, multi_steps=multi_steps, permutation=permutation,

@@ -22,6 +22,7 @@ the same program as without the regularizer.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 from typing import Any, Callable
 
@@ -184,6 +185,27 @@ def update_loss(module: nn.Module, params, batch_stats, x, y, lam, gamma: float,
   return loss, (logits, new_stats, parts)
 
 
+_microbatch_listeners: list[Callable[[int, int], None]] = []
+
+
+@contextlib.contextmanager
+def microbatch_listener(fn: Callable[[int, int], None]):
+  """While active, ``fn(step, i)`` runs on the host when microbatch i of training step ``step`` has its gradient,
+  in steps compiled with microbatches > 1: in-epoch progress for steps that take minutes (WRN-50-2 on a CPU). It is
+  a device→host callback (``jax.debug.callback``) that the device makes when it gets there; the host never waits
+  for it. With several devices it may arrive once per device."""
+  _microbatch_listeners.append(fn)
+  try:
+    yield
+  finally:
+    _microbatch_listeners.remove(fn)
+
+
+def _microbatch_done(step, i, _):
+  for fn in list(_microbatch_listeners):
+    fn(int(step), int(i))
+
+
 def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config: ml_collections.ConfigDict,
                   adversarial: bool, augment_kind: str, steps_per_epoch: int, batch_sharding,
                   microbatches: int | None = None):
@@ -245,6 +267,8 @@ def train_step_fn(module: nn.Module, tx: optax.GradientTransformation, *, config
       row, i = row_i
       g, stats, m = grads_and_metrics(state, images, labels, row, jax.random.fold_in(k_aug, i),
                                       jax.random.fold_in(k_att, i), hyper)
+      # The third operand (one entry of the gradient) makes the callback wait for this microbatch's backward pass.
+      jax.debug.callback(_microbatch_done, state.step, i, jax.tree.leaves(g)[-1].reshape(-1)[0])
       return jax.tree.map(jnp.add, grad_sum, g), (stats, m)
 
     rows = (batch_index.reshape(k, -1), jnp.arange(k, dtype=jnp.int32))

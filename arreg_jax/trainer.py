@@ -158,11 +158,14 @@ def build_run(config, strength: float, ds, data: DeviceData, mesh, run_dir: str,
 def train_epoch(run: Run, data: DeviceData, epoch: int, writer: MetricsWriter) -> dict[str, float]:
   """Runs one epoch's compiled calls on ``run.state`` (:func:`train.run_epoch`, with in-epoch progress lines when
   they are due); returns the epoch's metric sums. Clips the spectra after the epoch's last step when configured."""
-  batch = run.config.train.batch_size
-  run.state, sums = train.run_epoch(
-      run.programs.multi_steps, run.programs.calls, run.state, data.train_images, data.train_labels,
-      run.permutation(epoch), run.hyper, progress=lambda done: writer.progress(epoch, done, run.steps_per_epoch, done * batch),
-      progress_due=writer.progress_due)
+  batch, k, first = run.config.train.batch_size, run.programs.microbatches, (epoch - 1) * run.steps_per_epoch
+  inside = lambda step, i: writer.microbatch_progress(epoch, step - first, i, k, run.steps_per_epoch, batch)
+  with train.microbatch_listener(inside):
+    run.state, sums = train.run_epoch(
+        run.programs.multi_steps, run.programs.calls, run.state, data.train_images, data.train_labels,
+        run.permutation(epoch), run.hyper,
+        progress=lambda done: writer.progress(epoch, done, run.steps_per_epoch, done * batch),
+        progress_due=writer.progress_due)
   if run.programs.clip is not None and epoch % run.config.spectral.every_epochs == 0:
     run.state = run.state.replace(params=run.clip(run.state.params))  # after the epoch's last step (appendix D.3)
   return sums

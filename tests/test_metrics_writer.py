@@ -74,3 +74,15 @@ def test_training_prints_in_epoch_progress_at_dispatch_boundaries(tmp_path, caps
   rows = rundir.read_jsonl(str(tmp_path / 'ar0' / rundir.METRICS))
   assert rows[0]['step'] == 8 and abs(rows[0]['lr'] - c.train.learning_rate) < 1e-9
   assert json.load(open(tmp_path / 'ar0' / rundir.FINAL))['epochs'] == 1
+
+
+def test_microbatched_steps_print_progress_from_inside_the_step(tmp_path, capsys):
+  """A step of 4 microbatches reports them as they finish (one line each, duplicates from other devices dropped)."""
+  c = presets.smoke(configuration.base_config())
+  c.sweep, c.train.epochs, c.analysis.enabled = (0.0,), 1, False
+  c.data.train_size, c.train.batch_size, c.train.microbatches = 64, 32, 4  # 2 steps of 4 microbatches
+  c.logging.progress_every_s = 1e-9
+  trainer.train_sweep(c, str(tmp_path))
+  out = [line for line in capsys.readouterr().out.splitlines() if line.startswith('[ar0]')]
+  inside = [line.split(' step ')[1].split(' done')[0] for line in out if 'microbatch' in line]
+  assert inside == [f'{s}/2, microbatch {i}/4' for s in (1, 2) for i in range(1, 5)], out

@@ -164,7 +164,24 @@ def test_real_compiled_step_is_planned():
     memory_plan.plan_train_step(compile_k, 1, [1, 2, 4], what='t', free=1000)
 
 
-def test_eval_plan_suggests_a_batch_size():
-  with pytest.raises(MemoryPlanError, match=r'--config.eval.batch_size \(about 12 would fit\)'):
-    memory_plan.plan_eval_step(_FakeProgram(4), batch_size=20, what='AR 8', free=170_000_000)
-  memory_plan.plan_eval_step(_FakeProgram(4), batch_size=20, what='AR 8', free=300_000_000)
+def test_eval_plan_chunks_the_attack_and_then_suggests_a_batch_size():
+  # Temporaries 1000/k MB at k chunks; 90% of 300 MB fits k = 4, of 600 MB k = 2, of 2 GB k = 1.
+  for free, want in ((2_000_000_000, 1), (600_000_000, 2), (300_000_000, 4)):
+    k, program = memory_plan.plan_eval_step(_FakeProgram, [1, 2, 4], batch_size=20, what='AR 8', free=free)
+    assert (k, program.k) == (want, want), free
+  with pytest.raises(MemoryPlanError, match=r'up to 4 chunks fits; lower --config.eval.batch_size \(about 12 would fit\)'):
+    memory_plan.plan_eval_step(_FakeProgram, [1, 2, 4], batch_size=20, what='AR 8', free=170_000_000)
+
+
+def test_microbatches_report_their_progress_to_the_host():
+  _, module, tx, state, images, labels, kw = _setup()
+  seen = []
+  with train.microbatch_listener(lambda step, i: seen.append((step, i))):
+    s, m = _step(module, tx, state, images, labels, 4, kw)
+    jax.block_until_ready(m)
+    jax.effects_barrier()
+  assert sorted(set(seen)) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+  seen.clear()
+  _step(module, tx, s, images, labels, 4, kw)  # no listener: nothing is called, nothing fails
+  jax.effects_barrier()
+  assert not seen

@@ -165,3 +165,24 @@ def test_multi_step_equals_single_steps():
   np.testing.assert_allclose(float(m_multi['loss_sum']), total, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s_multi.params), jax.tree.leaves(state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+EVAL_EPS = 0.06  # breaks about a third of the examples of this random network
+
+
+def test_chunked_evaluation_attack_gives_the_same_metrics():
+  """The eval step attacking its batch in 1, 2 or 5 chunks: same starts, same PGD accuracy and loss."""
+  module = models.get_module('small_cnn', num_classes=10)
+  _, variables = models.create('small_cnn', num_classes=10, key=jax.random.key(0))
+  variables = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(3), a.shape), variables)
+  cfg = ml_collections.ConfigDict({'eps': EVAL_EPS, 'step_size': EVAL_EPS / 4, 'steps': 4})
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (30, 28, 28, 1), dtype=np.uint8))
+  labels = jnp.argmax(module.apply(variables, images.astype(jnp.float32) / 255), -1).astype(jnp.int32)  # all correct
+  out = {k: evaluation.evaluate(evaluation.make_eval_step(module, augment_kind='none', pgd_cfg=cfg, chunks=k),
+                                variables, images, labels, batch_size=10, key=jax.random.key(1))
+         for k in (1, 2, 5)}
+  assert out[1]['clean_correct'] == 30 and 0.2 < out[1]['pgd_acc'] < 0.8, out[1]
+  for k in (2, 5):
+    assert out[k]['clean_correct'] == out[1]['clean_correct']
+    np.testing.assert_allclose(out[k]['pgd_acc'], out[1]['pgd_acc'], atol=1 / 30)
+    np.testing.assert_allclose(out[k]['loss'], out[1]['loss'], rtol=1e-6)

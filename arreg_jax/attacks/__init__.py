@@ -16,8 +16,9 @@ from arreg_jax.attacks.autoattack import autoattack
 from arreg_jax.attacks.evaluation import robust_accuracies
 from arreg_jax.attacks.losses import cross_entropy, dlr, dlr_targeted, margin
 from arreg_jax.attacks.pgd import LogitsFn, cross_entropy_sum, fgsm, pgd
+from arreg_jax.attacks.pgd import random_start_delta as pgd_random_start
 from arreg_jax.attacks.square import square
 
 __all__ = ['LogitsFn', 'apgd', 'autoattack', 'checkpoints', 'cross_entropy', 'cross_entropy_sum', 'dlr',
-           'dlr_targeted', 'evaluation', 'fgsm', 'margin', 'noise', 'pgd', 'robust_accuracies', 'sanity_checks',
-           'square']
+           'dlr_targeted', 'evaluation', 'fgsm', 'margin', 'noise', 'pgd', 'pgd_random_start', 'robust_accuracies',
+           'sanity_checks', 'square']

@@ -52,7 +52,10 @@ def _ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
   return grad / jnp.maximum(_per_example_norm(grad), 1e-12)
 
 
-def _random_start(key: jax.Array, shape, eps, norm: str) -> jax.Array:
+def random_start_delta(key: jax.Array, shape, eps, norm: str = 'linf') -> jax.Array:
+  """The random start δ⁰ that :func:`pgd` draws from ``key`` for images of ``shape``: uniform in the ``norm`` ball
+  of radius ``eps`` (before clipping x + δ⁰ to [0, 1]). Drawn once for a whole batch, it lets the batch be attacked
+  in chunks (``pgd(..., init_delta=chunk of δ⁰)``) with exactly the starting points of one attack on the batch."""
   if norm == 'linf':
     return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0) * eps
   # Uniform in the L2 ball: a Gaussian direction scaled by eps · U^(1/d).
@@ -77,18 +80,24 @@ def _check(images, labels, norm):
 
 def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps, step_size, steps: int,
         norm: str = 'linf', random_start: bool = True,
-        loss_fn: Callable[[LogitsFn, jax.Array, jax.Array], jax.Array] = cross_entropy_sum) -> jax.Array:
+        loss_fn: Callable[[LogitsFn, jax.Array, jax.Array], jax.Array] = cross_entropy_sum,
+        init_delta: jax.Array | None = None) -> jax.Array:
   """Projected gradient ascent on ``loss_fn`` inside the ``norm`` ball of radius ``eps`` around ``images``.
 
   x⁰ = x (+ uniform noise in the ball if ``random_start``), then ``steps`` times
   xᵗ⁺¹ = clip_[0,1]( x + Π_ε( xᵗ + α·d(∇ₓ L(xᵗ)) − x ) ),  d = sign (L∞) or g/‖g‖₂ per example (L2).
   ``eps`` and ``step_size`` may be traced scalars (e.g. an ε ramp); ``steps`` and ``norm`` are static.
-  Returns adversarial images with the input's shape and dtype.
+  ``init_delta`` (images' shape), when given, is the starting perturbation instead of a draw from ``key`` (see
+  :func:`random_start_delta`). Returns adversarial images with the input's shape and dtype.
   """
   _check(images, labels, norm)
   x0 = images.astype(jnp.float32)
   grad_fn = jax.grad(lambda x: loss_fn(logits_fn, x.astype(images.dtype), labels))
-  delta = _random_start(key, x0.shape, eps, norm) if random_start else jnp.zeros_like(x0)
+  if init_delta is not None:
+    chex.assert_equal_shape([init_delta, x0])
+    delta = init_delta.astype(jnp.float32)
+  else:
+    delta = random_start_delta(key, x0.shape, eps, norm) if random_start else jnp.zeros_like(x0)
   delta = jnp.clip(x0 + delta, 0.0, 1.0) - x0
 
   def body(_, delta):

@@ -4,10 +4,12 @@ attacks on the bf16 model stay inside their ε-ball."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from arreg_jax import attacks, configuration, models, sharding, train
 
 
+@pytest.mark.slow  # 32 s: three adversarial epochs
 def test_bfloat16_training_learns_and_attacks_stay_in_ball(mnist_small):
   cfg = configuration.base_config()
   cfg.precision = 'bfloat16'

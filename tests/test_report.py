@@ -215,6 +215,7 @@ def _run(module, *args, timeout=400):
                         timeout=timeout)
 
 
+@pytest.mark.slow  # 66 s; test_main's smoke sweep covers train → analyse → report in the default suite
 def test_smoke_sweep_writes_the_report_and_analyze_reruns_it(tmp_path):
   wd = tmp_path / 'w'
   r = _run('arreg_jax.main', '--config', 'configs/mnist.py:smoke', '--workdir', str(wd), '--config.train.epochs=1')

@@ -144,8 +144,9 @@ def build_run(config, strength: float, ds, data: DeviceData, mesh, run_dir: str,
   start_epoch, state = ckpt.restore_latest_intact(state)
   if start_epoch:
     logging.info('AR %g: resumed from the checkpoint of epoch %d', strength, start_epoch)
-  hyper = jax.device_put(train.step_hyper(config, strength, train_key), rep)
-  eval_key = jax.device_put(eval_key, rep)
+  hyper = train.step_hyper(config, strength, train_key)
+  if jax.process_count() == 1:  # placed once, not copied to every device per call; several processes cannot
+    hyper, eval_key = jax.device_put((hyper, eval_key), rep)  # device_put typed keys: jit takes them as they are
   progs = (cache or programs_lib.ProgramCache()).get(config, strength, ds, data, mesh, state, hyper, eval_key,
                                                      f'AR {strength:g}')
   track = _margin_tracker(config, progs.module, ds, mesh, run_dir) if config.margins.track else None

@@ -60,8 +60,12 @@ def test_two_processes_train_and_analyse_like_one(tmp_path):
     assert (two_dir / name).exists(), name
   a = json.loads((two_dir / 'summary.json').read_text())['rows'][0]
   b = json.loads((one_dir / 'summary.json').read_text())['rows'][0]
-  for k in ('train_acc', 'test_acc', 'pgd_acc'):
-    assert a[k] == pytest.approx(b[k], abs=0.8), k  # at most one example of 128 differs
+  for k in ('train_acc', 'test_acc'):
+    assert a[k] == pytest.approx(b[k], abs=0.8), (k, a, b)  # at most one example of 128 differs
+  # PGD accuracy is over the clean-correct examples (~50 here): one borderline example that the sign steps send the
+  # other way after rounding-level differences in training moves it by 100/n points.
+  n = json.loads((one_dir / 'ar0.1/final.json').read_text())['test']['clean_correct']
+  assert a['pgd_acc'] == pytest.approx(b['pgd_acc'], abs=100 / n + 1e-6), (a['pgd_acc'], b['pgd_acc'], n)
   for k in ('train_loss', 'test_loss'):
     assert a[k] == pytest.approx(b[k], rel=2e-3), k  # cross-process sums add in another order
   # The per-example analysis covers every example once, gathered from both processes.

@@ -54,7 +54,7 @@ def main(argv=None) -> None:
   p.add_argument('--keep', action='store_true', help='keep the temporary clone (its runs/mnist) and print its path')
   p.add_argument('--out', default=DEFAULT_OUT)
   args = p.parse_args(argv)
-  import attack_throughput as common  # pylint: disable=g-import-not-at-top  (machine description, JSON writer)
+  import machine as common  # pylint: disable=g-import-not-at-top  (machine description, JSON writer)
 
   head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True, text=True,
                         check=True).stdout.strip()

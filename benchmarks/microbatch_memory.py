@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from arreg_jax import memory_plan, models, presets, sharding, train  # noqa: E402
-import attack_throughput as common  # noqa: E402  (machine description, JSON writer)
+import machine as common  # noqa: E402  (machine description, JSON writer)
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'microbatch_memory_cpu.json')
 MiB = 2 ** 20

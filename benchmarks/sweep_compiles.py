@@ -70,7 +70,7 @@ def main(argv=None) -> None:
 
   import jax  # pylint: disable=g-import-not-at-top
   from arreg_jax import sweep, trainer  # pylint: disable=g-import-not-at-top
-  import attack_throughput as common  # pylint: disable=g-import-not-at-top  (machine description, JSON writer)
+  import machine as common  # pylint: disable=g-import-not-at-top  (machine description, JSON writer)
 
   path, _, arg = args.config.partition(':')
   spec = importlib.util.spec_from_file_location('sweep_config', path)

@@ -45,7 +45,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from arreg_jax import attacks, models, presets, sharding, train  # noqa: E402
-import attack_throughput as common  # noqa: E402  (machine description, CPU-share meter, JSON writer)
+import machine as common  # noqa: E402  (machine description, CPU-share meter, JSON writer)
 
 EPOCH_IMAGES = 50_000
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'train_throughput_cpu.json')

@@ -35,7 +35,7 @@ import numpy as np
 
 from arreg_jax import configuration, distributed, evaluation, models, restore, rundir, sharding
 from arreg_jax import sweep as sweep_lib
-from arreg_jax.analysis import batching, boundary, bounds, distributions, margins, robustness, singular_values
+from arreg_jax.analysis import boundary, bounds, distributions, margins, robustness, singular_values
 from arreg_jax.analysis import smoothness
 from arreg_jax.errors import ConfigError
 
@@ -95,7 +95,7 @@ def _confidence(module, variables, ds, split: str, limit, s, mesh) -> tuple[dict
   images = getattr(ds, f'{split}_images')
   labels = getattr(ds, f'{split}_labels')
   kernel = margins.make_kernel(module, ds.augment)
-  out = batching.map_batches(kernel, variables, images, labels, batch_size=s['batch_size'], mesh=mesh, limit=limit)
+  out = sharding.map_batches(kernel, variables, images, labels, batch_size=s['batch_size'], mesh=mesh, limit=limit)
   bins = s['bins']
   summ = functools.partial(distributions.summary_to_json, pad_to=_summary_size(ds, s))
   summary = {
@@ -120,7 +120,7 @@ def _loss_variation(module, variables, ds, s, mesh) -> tuple[list[dict], dict]:
                                   correct_only)
   if correct_only:  # draft 003, Fig. 3: the correctly classified ones among the first N training examples
     n = min(s['loss_variation_examples'] or ds.num_train, ds.num_train)
-    conf = batching.map_batches(margins.make_kernel(module, ds.augment), variables, ds.train_images, ds.train_labels,
+    conf = sharding.map_batches(margins.make_kernel(module, ds.augment), variables, ds.train_images, ds.train_labels,
                                 batch_size=s['batch_size'], mesh=mesh, limit=n)
     keep = np.flatnonzero(conf['correct'])
     if keep.size == 0:
@@ -130,7 +130,7 @@ def _loss_variation(module, variables, ds, s, mesh) -> tuple[list[dict], dict]:
     images, labels, limit = ds.test_images, ds.test_labels, s['loss_variation_examples']
   rows, arrays = [], {}
   for i, eps in enumerate(s['loss_variation_eps']):
-    out = batching.map_batches(kernel, variables, images, labels, batch_size=s['attack_batch_size'],
+    out = sharding.map_batches(kernel, variables, images, labels, batch_size=s['attack_batch_size'],
                                mesh=mesh, limit=limit, extra=(np.float32(eps),))
     inc = out['loss_increase']
     rows.append({'eps': eps, 'eps_255': eps * 255.0, 'mean': float(inc.mean()), 'std': float(inc.std()),
@@ -141,7 +141,7 @@ def _loss_variation(module, variables, ds, s, mesh) -> tuple[list[dict], dict]:
 
 def _boundary(module, variables, ds, s, mesh) -> dict:
   n = min(s['boundary_screen_examples'], ds.num_train)
-  screen = batching.map_batches(boundary.make_screen_kernel(module, ds.augment), variables, ds.train_images,
+  screen = sharding.map_batches(boundary.make_screen_kernel(module, ds.augment), variables, ds.train_images,
                                 ds.train_labels, batch_size=s['attack_batch_size'], mesh=mesh, limit=n)
   k = min(s['boundary_refine_examples'], n)
   order = np.argsort(screen['first_order'], kind='stable')[:k]
@@ -149,7 +149,7 @@ def _boundary(module, variables, ds, s, mesh) -> dict:
   r_max = float(math.sqrt(d))  # the L2 diameter of [0, 1]^d
   kernel = boundary.make_bisection_kernel(module, ds.augment, r_max, s['boundary_rounds'], s['boundary_steps'])
   refine_batch = -(-k // mesh.size) * mesh.size
-  out = batching.map_batches(kernel, variables, ds.train_images[order], screen['pred'][order],
+  out = sharding.map_batches(kernel, variables, ds.train_images[order], screen['pred'][order],
                              batch_size=refine_batch, mesh=mesh)
   dist = out['distance']
   found = out['found']

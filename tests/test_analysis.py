@@ -12,7 +12,8 @@ import pytest
 from scipy import stats
 
 from arreg_jax import attacks, sharding
-from arreg_jax.analysis import batching, boundary, bounds, distributions, margins, singular_values, smoothness
+from arreg_jax import sharding
+from arreg_jax.analysis import boundary, bounds, distributions, margins, singular_values, smoothness
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,7 +212,7 @@ def test_sv_std_comparison_b2():
 
 def test_map_batches_pads_and_trims(tiny):
   module, variables, images, labels = tiny
-  out = batching.map_batches(margins.make_kernel(module, 'none'), variables, images, labels, batch_size=16,
+  out = sharding.map_batches(margins.make_kernel(module, 'none'), variables, images, labels, batch_size=16,
                              mesh=sharding.make_mesh())
   direct = margins.margins(module.apply(variables, jnp.asarray(images, jnp.float32) / 255),
                            jnp.asarray(labels, jnp.int32))
@@ -222,7 +223,7 @@ def test_map_batches_pads_and_trims(tiny):
 _SHARDED = r'''
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
 from arreg_jax import sharding
-from arreg_jax.analysis import batching, margins, smoothness
+from arreg_jax.analysis import margins, smoothness
 assert jax.device_count() == 4
 class Net(nn.Module):
   @nn.compact
@@ -234,11 +235,11 @@ rng = np.random.default_rng(0)
 images = rng.integers(0, 256, size=(30, 28, 28, 1), dtype=np.uint8)
 labels = rng.integers(0, 10, size=30)
 mesh = sharding.make_mesh()
-out = batching.map_batches(margins.make_kernel(module, 'none'), variables, images, labels, batch_size=8, mesh=mesh)
+out = sharding.map_batches(margins.make_kernel(module, 'none'), variables, images, labels, batch_size=8, mesh=mesh)
 x = jnp.asarray(images, jnp.float32) / 255
 y = jnp.asarray(labels, jnp.int32)
 np.testing.assert_allclose(out['margin'], margins.margins(module.apply(variables, x), y), rtol=1e-4, atol=1e-5)
-lv = batching.map_batches(smoothness.make_kernel(module, 'none', 3, 0.4), variables, images, labels, batch_size=8,
+lv = sharding.map_batches(smoothness.make_kernel(module, 'none', 3, 0.4), variables, images, labels, batch_size=8,
                           mesh=mesh, extra=(np.float32(0.05),))
 ref = smoothness.max_loss_increase(lambda z: module.apply(variables, z), x, y, eps=0.05, step_size=0.02, steps=3)
 np.testing.assert_allclose(lv['loss_increase'], ref, rtol=1e-3, atol=1e-5)

@@ -8,7 +8,6 @@ Pure, jit-able, batched kernels, one module per idea:
 * :mod:`smoothness` — loss variation inside L∞ balls (appendix B.5, Table 1);
 * :mod:`boundary` — instance-space margins and v_min (Definition 6) by bisection on an L2 PGD radius;
 * :mod:`bounds` — the terms of Theorem 3.1 (eq. 4–5);
-* :mod:`batching` — running a kernel over a split in padded batches sharded over the device mesh;
 * :mod:`margin_tracking` — per-epoch minimum and average margins during training (poster 004).
 
 They import nothing above the models and attacks; running them over a sweep directory is

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arreg_jax import models, regularizers
-from arreg_jax.analysis import batching
+from arreg_jax import sharding
 from arreg_jax.analysis import margins as margins_lib
 from arreg_jax.data import augment
 
@@ -66,7 +66,7 @@ def summarize(out: dict[str, np.ndarray], split: str) -> dict[str, float]:
 def track(module: nn.Module, variables, images: np.ndarray, labels: np.ndarray, *, split: str, augment_kind: str,
           batch_size: int, mesh, limit: int | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
   """Margins of the first ``limit`` examples of a split: ``(summary, {'<split>_margin': …, '<split>_fmargin': …})``."""
-  out = batching.map_batches(make_kernel(module, augment_kind), variables, images, labels, batch_size=batch_size,
+  out = sharding.map_batches(make_kernel(module, augment_kind), variables, images, labels, batch_size=batch_size,
                              mesh=mesh, limit=limit)
   arrays = {f'{split}_margin': out['margin'].astype(np.float32),
             f'{split}_fmargin': out['feature_margin'].astype(np.float32),

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arreg_jax import attacks as attacks_lib
-from arreg_jax.analysis import batching
+from arreg_jax import sharding
 from arreg_jax.attacks import evaluation, sanity_checks
 from arreg_jax.data import augment
 
@@ -59,7 +59,7 @@ def robust_accuracies(module, variables, images, labels, *, augment_kind: str, a
                       key, batch_size: int, mesh, limit: int | None, **kernel_kw) -> dict[str, float]:
   """``{'clean', name…, ['autoattack']}`` robust accuracies (shares) over the first ``limit`` examples."""
   kernel = make_kernel(module, augment_kind, tuple(attack_names), **kernel_kw)
-  out = batching.map_batches(kernel, variables, images, labels, batch_size=batch_size, mesh=mesh, limit=limit,
+  out = sharding.map_batches(kernel, variables, images, labels, batch_size=batch_size, mesh=mesh, limit=limit,
                              extra=(np.float32(eps),), batch_key=key)
   if all(p in out for p in AUTOATTACK_PARTS):
     out['autoattack'] = np.logical_and.reduce([out[p] for p in AUTOATTACK_PARTS])

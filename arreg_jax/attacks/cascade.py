@@ -33,9 +33,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from arreg_jax.attacks import apgd as apgd_lib
-from arreg_jax.attacks import fab as fab_lib
 from arreg_jax.attacks import input_checks, noise
+from arreg_jax.attacks.apgd import apgd_runs
+from arreg_jax.attacks.apgd import runs_of as apgd_runs_of
+from arreg_jax.attacks.fab import fab_runs
+from arreg_jax.attacks.fab import runs_of as fab_runs_of
 from arreg_jax.attacks.compiled import compiled_once
 from arreg_jax.attacks.pgd import LogitsFn
 from arreg_jax.attacks.square import square_masked
@@ -111,12 +113,12 @@ def run_stage(stage: Stage, logits_fn: LogitsFn, images: jax.Array, labels: jax.
   x0 = images.astype(jnp.float32)
   if stage.name.startswith('apgd'):
     loss = {'apgd_ce': 'ce', 'apgd_dlr': 'dlr', 'apgd_t': 'dlr_targeted'}[stage.name]
-    runs = apgd_lib.runs_of(loss, stage.restarts, stage.n_targets)
-    out, _ = apgd_lib.apgd_runs(logits_fn, images, labels, noise.example_keys(key, len(runs)), active, eps=eps,
+    runs = apgd_runs_of(loss, stage.restarts, stage.n_targets)
+    out, _ = apgd_runs(logits_fn, images, labels, noise.example_keys(key, len(runs)), active, eps=eps,
                                 runs=runs, norm=norm, steps=stage.steps)
   elif stage.name.startswith('fab'):
-    runs = fab_lib.runs_of(stage.name == 'fab_t', stage.n_targets, stage.restarts)
-    out, broken, _ = fab_lib.fab_runs(logits_fn, images, labels, noise.example_keys(key, len(runs)), active, eps=eps,
+    runs = fab_runs_of(stage.name == 'fab_t', stage.n_targets, stage.restarts)
+    out, broken, _ = fab_runs(logits_fn, images, labels, noise.example_keys(key, len(runs)), active, eps=eps,
                                       runs=runs, norm=norm, steps=stage.steps)
     return out, broken
   elif layout == 'NCHW':

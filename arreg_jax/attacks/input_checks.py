@@ -73,7 +73,8 @@ def check_images(images: Any, *, rank: int | None = None, name: str = 'images') 
   if len(shape) < 2 or shape[0] == 0:
     raise ValueError(f'{name} must have shape (N, ...) with N >= 1 examples, got shape {tuple(shape)}')
   if is_concrete(images):
-    lo, hi = float(jnp.min(images)), float(jnp.max(images))
+    with jax.ensure_compile_time_eval():  # concrete values inside a caller's trace: evaluate now, not in its program
+      lo, hi = float(jnp.min(images)), float(jnp.max(images))
     if not (np.isfinite(lo) and np.isfinite(hi)):
       raise ValueError(f'{name} holds NaN or infinite values')
     if lo < 0.0 or hi > 1.0:
@@ -112,7 +113,8 @@ def check_labels(labels: Any, n: int, num_classes: int | None = None) -> None:
   if shape[0] != n:
     raise ValueError(f'labels has {shape[0]} entries but images has {n}: pass one label per image')
   if num_classes is not None and is_concrete(labels):
-    lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+    with jax.ensure_compile_time_eval():
+      lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
     if lo < 0 or hi >= num_classes:
       raise ValueError(f'labels must lie in [0, {num_classes}) for a model with {num_classes} outputs, found values '
                        f'in [{lo}, {hi}]')

@@ -247,7 +247,7 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
     # The library takes float images in [0, 1]: the test transform of the runner's data, on the examples evaluated.
     n = min(s['robustness']['examples'] or ds.num_test, ds.num_test)
     images = np.asarray(augment.preprocess(None, jax.numpy.asarray(ds.test_images[:n]), kind=ds.augment, train=False))
-    model = types.SimpleNamespace(apply_fn=_inference_apply(module), params=variables)
+    model = types.SimpleNamespace(apply_fn=models.inference_apply(module), params=variables)
     robust = robustness.analyze(model, images, np.asarray(ds.test_labels[:n]), settings=s['robustness'],
                                 key=jax.random.key(config.seed + 1), mesh=mesh, population=ds.num_test)
     timing['robustness_s'] = time.time() - t
@@ -283,13 +283,6 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
   if robust is not None:  # final.json carries the final model's robust accuracies too
     rundir.write_json(os.path.join(run_dir, rundir.FINAL), {**final, 'robustness': robust}, safe=True)
   return rundir.read_json(out_path)
-
-
-@functools.lru_cache(maxsize=None)
-def _inference_apply(module):
-  """``apply_fn(variables, images)`` of ``module`` in inference mode, one object per module: the members of a sweep
-  share the robustness evaluation's compiled programs (their variables are a traced argument)."""
-  return lambda variables, x: module.apply(variables, x, train=False)
 
 
 def analyze_sweep(workdir: str, *, reuse: bool = False, mesh=None) -> dict:

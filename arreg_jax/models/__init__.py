@@ -102,6 +102,14 @@ def create(name: str, *, num_classes: int, key: jax.Array, input_shape: tuple[in
 
 
 @functools.lru_cache(maxsize=None)
+def inference_apply(module: nn.Module) -> Callable:
+  """``apply_fn(variables, images) -> logits`` of ``module`` in inference mode (``train=False``), one object per
+  module: programs compiled for it (``jax.jit`` keyed on the function, e.g. the attacks' and AutoAttack's) serve
+  every set of weights of that architecture, passed as the traced ``variables``."""
+  return lambda variables, images: module.apply(variables, images, train=False)
+
+
+@functools.lru_cache(maxsize=None)
 def _init_fn(module: nn.Module, shape: tuple[int, ...]):
   """The jitted ``key -> variables`` of ``module`` on inputs of ``shape``, compiled once per (module, shape): the
   members of a sweep initialize with one program."""

@@ -108,8 +108,9 @@ def analyze(model: Any, images, labels, *, settings: dict, key: jax.Array, mesh:
 def _autoattack_block(stages, notes, *, n_targets, queries, examples, total) -> dict[str, Any]:
   """What 'autoattack' ran, and how it differs from the authors' standard version."""
   reduced = []
-  if n_targets < AUTHORS['n_targets']:
-    reduced.append(f'APGD-T and FAB-T with {n_targets} target(s) instead of {AUTHORS["n_targets"]}')
+  targeted = ' and '.join(cascade.STAGE_LABELS[st] for st in stages if st in ('apgd_t', 'fab_t'))
+  if targeted and n_targets < AUTHORS['n_targets']:
+    reduced.append(f'{targeted} with {n_targets} target(s) instead of {AUTHORS["n_targets"]}')
   if queries < AUTHORS['square_queries']:
     reduced.append(f'Square with {queries} queries instead of {AUTHORS["square_queries"]}')
   if examples < total:

@@ -89,10 +89,13 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=2)
   p.add_argument('--parts', default='apgd_ce,apgd_t,fab_t,standard')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--torch_threads', type=int, default=0, help='PyTorch threads (default: one per core)')
+  p.add_argument('--jax_devices', default='auto', help="XLA:CPU devices: 'auto' (one per core) or N")
   p.add_argument('--wait_quiet', type=float, default=0.0, help='wait up to S s before each call for a quiet CPU')
   p.add_argument('--out', default=DEFAULT_OUT)
   args = p.parse_args(argv)
-  host_devices.use_every_cpu_core()  # the default device layout: one XLA:CPU device per core
+  # The default device layout: one XLA:CPU device per core.
+  host_devices.use_every_cpu_core('auto' if args.jax_devices == 'auto' else int(args.jax_devices))
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -105,7 +108,7 @@ def main(argv=None):
   from autoattack import AutoAttack as AuthorsAutoAttack  # pylint: disable=g-import-not-at-top
   from autoattack.autopgd_base import APGDAttack, APGDAttack_targeted  # pylint: disable=g-import-not-at-top
   from autoattack.fab_pt import FABAttack_PT  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(host_devices.cpu_cores())
+  torch.set_num_threads(args.torch_threads or host_devices.cpu_cores())
 
   config, module, variables, ds, _ = restore.restore_run(args.run_dir)
   n = args.images
@@ -189,7 +192,8 @@ def main(argv=None):
 
   results = []
   for part in args.parts.split(','):
-    row = {'part': part, 'eps': eps, 'images': n}
+    row = {'part': part, 'eps': eps, 'images': n,
+           'layout': f'{mesh.size} XLA:CPU device(s) vs {torch.get_num_threads()} PyTorch thread(s)'}
     t0 = time.perf_counter()
     ours(part, eps)
     row['arreg_jax_compile_and_first_call_s'] = round(time.perf_counter() - t0, 2)
@@ -252,14 +256,14 @@ def main(argv=None):
                  'seed': args.seed},
       'equivalence': equivalence, 'results': results,
   }
-  machine.write_results(args.out, out, key_fields=('part', 'eps', 'images'), merge=True)
+  machine.write_results(args.out, out, key_fields=('part', 'eps', 'images', 'layout'), merge=True)
 
 
 def print_table(results):
-  head = ['part', 'img/s arreg_jax', 'img/s authors', 'ratio', 'robust arreg_jax', 'robust authors']
+  head = ['part', 'layout', 'img/s arreg_jax', 'img/s authors', 'ratio', 'robust arreg_jax', 'robust authors']
   print(' | '.join(head))
   for r in results:
-    print(' | '.join([r['part'], f'{r["arreg_jax"]["images_per_s"]:.2f}', f'{r["authors"]["images_per_s"]:.2f}',
+    print(' | '.join([r['part'], r['layout'], f'{r["arreg_jax"]["images_per_s"]:.2f}', f'{r["authors"]["images_per_s"]:.2f}',
                       f'{r["ratio_images_per_s"]:.2f}', f'{100 * r["arreg_jax"]["robust_accuracy"]:.2f}%',
                       f'{100 * r["authors"]["robust_accuracy"]:.2f}%']))
     if 'fab_t_min_norm' in r:

@@ -140,6 +140,8 @@ def test_probabilities_are_warned_about():
   assert any('probabilities' in w for w in result.warnings)
   with pytest.warns(attacks.ProbabilitiesWarning):
     attacks.robust_accuracies(probs, X, Y, KEY, eps=0.05, attacks=('fgsm',), batch_size=8)
+  with pytest.warns(attacks.ProbabilitiesWarning):  # an eager call of an attack
+    attacks.apgd(probs, X, Y, KEY, eps=0.05, steps=2)
   with warnings.catch_warnings():
     warnings.simplefilter('error', attacks.ProbabilitiesWarning)
     attacks.robust_accuracies(_logits, X, Y, KEY, eps=0.05, attacks=('fgsm',), batch_size=8)

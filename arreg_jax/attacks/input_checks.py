@@ -39,6 +39,11 @@ def is_concrete(x: Any) -> bool:
   return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
 
 
+def is_local(x: Any) -> bool:
+  """Whether every array of ``x`` lives on this process's devices (not a global array spanning several hosts)."""
+  return all(getattr(leaf, 'is_fully_addressable', True) for leaf in jax.tree.leaves(x))
+
+
 def norm_name(norm: Any) -> str:
   """'linf' or 'l2' for ``norm`` ∈ {'linf', 'Linf', 'l2', 'L2'} (any case); a ValueError otherwise."""
   key = str(norm).lower() if isinstance(norm, str) else None
@@ -207,4 +212,10 @@ def check_attack_inputs(model: Any, images: Any, labels: Any, eps: Any, norm: An
   _, k = logits_shape(lambda x: apply_fn(params, x), images)
   check_labels(labels, images.shape[0], k)
   check_eps(eps, norm)
+  # An eager call: the forward pass of a few images tells logits from probabilities.
+  if is_concrete((params, images)) and is_local((params, images)):
+    with jax.ensure_compile_time_eval():
+      logits = apply_fn(params, images[:8])
+    if is_concrete(logits):
+      warn_if_probabilities(logits)
   return norm, k

@@ -134,7 +134,8 @@ def robust_accuracies(logits_fn: Any, images, labels, key: jax.Array, *, eps, at
   input_checks.check_eps(eps, norm)
   _, k = input_checks.logits_shape(lambda x: apply_fn(params, x), images[:1])
   input_checks.check_labels(labels, images.shape[0], k)
-  input_checks.warn_if_probabilities(apply_fn(params, jnp.asarray(images[:8])))
+  if input_checks.is_local(params):
+    input_checks.warn_if_probabilities(apply_fn(params, jnp.asarray(images[:8])))
   batch_size = input_checks.static_int(batch_size, 'batch_size')
   kernel = functools.partial(_batch_masks_program, apply_fn=apply_fn, attacks=attacks, norm=norm,
                              n_targets=input_checks.static_int(n_targets, 'n_targets'),

@@ -134,10 +134,13 @@ def runs_of(loss: str, restarts: int = 1, n_targets: int = 9) -> tuple[tuple[str
 
 
 def apgd_runs(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, keys: jax.Array, active: jax.Array, *,
-              eps, runs: tuple[tuple[str, int], ...], norm: str = 'linf',
-              steps: int = 100) -> tuple[jax.Array, jax.Array]:
+              eps, runs: tuple[tuple[str, int], ...], norm: str = 'linf', steps: int = 100,
+              n_ranks: int = 0, rank_shift=0) -> tuple[jax.Array, jax.Array]:
   """APGD runs one after another (one ``lax.fori_loop``; run r uses ``runs[r]`` and ``keys[r]``) on the examples
   where ``active`` (B,); each run is skipped when no active example is left robust.
+
+  A targeted run's rank j is shifted by ``rank_shift`` (may be traced; the ranks up to ``n_ranks`` are available):
+  one compiled run then serves every target, as the front end uses it, one target at a time.
 
   Returns (images in float32: per example the first misclassified point found, else the highest-loss point, else
   the input; done (R, B) bool: active and misclassified — clean or at a point found — after runs 0 … r).
@@ -146,6 +149,7 @@ def apgd_runs(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, keys: j
   loss_fns = [per_example_loss(name) for name in names]
   loss_id = jnp.asarray([names.index(name) for name, _ in runs], jnp.int32)
   rank = jnp.asarray([j for _, j in runs], jnp.int32)
+  rank = jnp.where(rank > 0, rank + rank_shift, rank)
   x0 = images.astype(jnp.float32)
 
   def f(x, y, t, sel):
@@ -155,7 +159,7 @@ def apgd_runs(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, keys: j
 
   value_and_grad = jax.value_and_grad(f, has_aux=True)
   clean_logits = logits_fn(images).astype(jnp.float32)
-  max_rank = max(j for _, j in runs)
+  max_rank = max(n_ranks, max(j for _, j in runs))
   if max_rank + 1 > clean_logits.shape[-1]:
     raise ValueError(f'{max_rank} targets need at least {max_rank + 1} classes, the model has '
                      f'{clean_logits.shape[-1]}')

@@ -106,20 +106,39 @@ def plan(stages: Sequence[Stage], num_classes: int) -> tuple[tuple[tuple[int, St
   return tuple(kept), notes
 
 
+def stage_runs(stage: Stage) -> tuple[tuple[bool, int], ...]:
+  """The runs of ``stage`` as the authors' code makes them, each on the points every earlier run left robust:
+  ``(random start, target index)`` per run — restarts (FAB's with a random start from the second on), then for the
+  targeted stages one run per target (index j: the (j+2)-th largest clean logit) and restart."""
+  if stage.name in ('apgd_t', 'fab_t'):
+    return tuple((stage.name == 'fab_t' and r > 0, j) for j in range(stage.n_targets) for r in range(stage.restarts))
+  if stage.name == 'square':
+    return ((False, 0),)
+  return tuple((stage.name == 'fab' and r > 0, 0) for r in range(stage.restarts))
+
+
 def run_stage(stage: Stage, logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, eps,
-              norm: str, active: jax.Array, layout: str = 'NHWC') -> tuple[jax.Array, jax.Array]:
-  """One stage on the points where ``active``: (images in float32, broken (B,) — active and misclassified at the
-  returned image, which lies in the ε-ball)."""
+              norm: str, active: jax.Array, layout: str = 'NHWC', *, one_run: bool | None = None,
+              target=0) -> tuple[jax.Array, jax.Array]:
+  """``stage`` on the points where ``active``: (images in float32, broken (B,) — active and misclassified at the
+  returned image, which lies in the ε-ball).
+
+  All of its runs one after another, or with ``one_run`` set (its random start) only the run of target index
+  ``target`` (may be traced: one compiled run serves every target; :func:`stage_runs`).
+  """
   x0 = images.astype(jnp.float32)
+  targeted = stage.name in ('apgd_t', 'fab_t')
+  part = {} if one_run is None else dict(n_ranks=stage.n_targets if targeted else 0, rank_shift=target)
   if stage.name.startswith('apgd'):
     loss = {'apgd_ce': 'ce', 'apgd_dlr': 'dlr', 'apgd_t': 'dlr_targeted'}[stage.name]
-    runs = apgd_runs_of(loss, stage.restarts, stage.n_targets)
-    out, _ = apgd_runs(logits_fn, images, labels, noise.example_keys(key, len(runs)), active, eps=eps,
-                                runs=runs, norm=norm, steps=stage.steps)
+    runs = apgd_runs_of(loss, stage.restarts, stage.n_targets) if one_run is None else ((loss, int(targeted)),)
+    out, _ = apgd_runs(logits_fn, images, labels, noise.example_keys(key, len(runs)), active, eps=eps, runs=runs,
+                       norm=norm, steps=stage.steps, **part)
   elif stage.name.startswith('fab'):
-    runs = fab_runs_of(stage.name == 'fab_t', stage.n_targets, stage.restarts)
+    runs = (fab_runs_of(targeted, stage.n_targets, stage.restarts) if one_run is None
+            else ((int(targeted), bool(one_run)),))
     out, broken, _ = fab_runs(logits_fn, images, labels, noise.example_keys(key, len(runs)), active, eps=eps,
-                                      runs=runs, norm=norm, steps=stage.steps)
+                              runs=runs, norm=norm, steps=stage.steps, **part)
     return out, broken
   elif layout == 'NCHW':
     nhwc = lambda x: logits_fn(jnp.transpose(x, (0, 3, 1, 2)))

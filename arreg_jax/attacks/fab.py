@@ -121,8 +121,10 @@ def runs_of(targeted: bool, n_targets: int = 9, restarts: int = 1) -> tuple[tupl
 
 def fab_runs(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, keys: jax.Array, active: jax.Array, *, eps,
              runs: tuple[tuple[int, bool], ...], norm: str = 'linf', steps: int = 100, alpha_max: float = ALPHA_MAX,
-             eta: float = ETA, beta: float = BETA) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """FAB runs one after another on the points where ``active`` (B,); run r uses ``runs[r]`` and ``keys[r]``.
+             eta: float = ETA, beta: float = BETA, n_ranks: int = 0,
+             rank_shift=0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """FAB runs one after another on the points where ``active`` (B,); run r uses ``runs[r]`` and ``keys[r]``; a
+  targeted run's rank is shifted by ``rank_shift`` (may be traced; ranks up to ``n_ranks`` available).
 
   Returns (images in float32: per example the point of the first run that broke it, else the input; broken (B,):
   active, correctly classified when clean, and a misclassified point within ε found; its norm ‖x − x₀‖ (B,), 1e10
@@ -131,10 +133,11 @@ def fab_runs(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, keys: ja
   x0 = images.astype(jnp.float32)
   f32_logits = lambda x: logits_fn(x.astype(images.dtype))
   clean_logits = f32_logits(x0).astype(jnp.float32)
-  max_rank = max(j for j, _ in runs)
+  max_rank = max(n_ranks, max(j for j, _ in runs))
   ranked = (jnp.concatenate([labels[None], clean_targets(clean_logits, max_rank)], 0) if max_rank
             else labels[None])
   rank = jnp.asarray([j for j, _ in runs], jnp.int32)
+  rank = jnp.where(rank > 0, rank + rank_shift, rank)
   rand = jnp.asarray([s for _, s in runs], bool)
   targeted = max_rank > 0
   correct = jnp.argmax(clean_logits, -1) == labels

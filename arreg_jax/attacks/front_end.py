@@ -4,7 +4,9 @@
     x_adv, result = adversary.run_standard_evaluation(x_test, y_test, bs=250)
 
 It runs the stages of :mod:`.cascade` (APGD-CE → APGD-T → FAB-T → Square for 'standard') one after another over
-the whole data set, each on the points every earlier stage left robust, in batches of ``bs`` sharded over the
+the whole data set, each run of a stage (a restart, a target of APGD-T or FAB-T) on the points every earlier run
+left robust — as the authors' code, so a target costs only what is left to attack — in batches of ``bs`` sharded
+over the
 devices (:func:`arreg_jax.sharding.map_batches`); it prints the clean accuracy, a progress line per batch (points
 done, img/s, ETA) and the robust accuracy after each stage, and returns the adversarial images with an
 :class:`AutoAttackResult` (clean, per-stage and final robust accuracy, the per-example robust mask, seconds per stage,
@@ -14,11 +16,12 @@ Before attacking it runs the authors' cheap checks on the first batch — a rand
 like probabilities, zero input gradients — and after Square the check that the gradient-free attack did not break
 points the gradient-based ones missed; each failure is a warning with its reason, recorded in the result.
 
-Compiled once: every stage is one program per (model function, stage settings, norm, batch size), with ε, the keys
-and a model pair's parameters traced. The last batch of a stage is padded to the smallest of at most four sizes
-(``bs``, ``bs``/2, ``bs``/4, ``bs``/8, rounded to the device count) that holds it, so a stage that is left with few
-robust points does not attack a full batch of padding, and a second evaluation — another ε, new weights of the same
-architecture — reuses every program.
+Compiled once: every stage is one program per (model function, stage settings, norm, batch size) — the target of a
+run is a traced argument; FAB's restarts with a random start are a second program — with ε, the keys and a model
+pair's parameters traced. The last batch of a run is padded to the smallest of at most four sizes (``bs``, ``bs``/2,
+``bs``/4, ``bs``/8, rounded to the device count) that holds it, so a run left with few robust points does not attack
+a full batch of padding, and a second evaluation — another ε, new weights of the same architecture — reuses every
+program.
 """
 
 from __future__ import annotations
@@ -47,15 +50,15 @@ def _clean_batch(params, images, labels, mask, *, apply_fn):
   return {'correct': jnp.argmax(logits, -1) == labels, 'logits': logits}
 
 
-def _stage_batch(params, images, labels, mask, key_data, eps, *, apply_fn, stage, norm, layout):
+def _run_batch(params, images, labels, mask, key_data, eps, target, *, apply_fn, stage, random_start, norm, layout):
   logits_fn = lambda x: apply_fn(params, x)
   x_adv, broken = cascade.run_stage(stage, logits_fn, images, labels, jax.random.wrap_key_data(key_data), eps, norm,
-                                    mask, layout)
+                                    mask, layout, one_run=random_start, target=target)
   return {'x_adv': x_adv.astype(images.dtype), 'broken': broken}
 
 
 _clean_program = jax.jit(_clean_batch, static_argnames=('apply_fn',))
-_stage_program = jax.jit(_stage_batch, static_argnames=('apply_fn', 'stage', 'norm', 'layout'))
+_run_program = jax.jit(_run_batch, static_argnames=('apply_fn', 'stage', 'random_start', 'norm', 'layout'))
 
 
 @dataclasses.dataclass
@@ -118,12 +121,13 @@ class AutoAttack:
     layout: 'NHWC' or 'NCHW', the layout of the images and of the model's input (Square reads it).
     mesh: the devices to shard batches over (default: every device).
     log: where the lines go (default ``print``).
+    checks: run the authors' checks (random forward pass, probabilities, zero gradients) on the first batch.
   """
 
   def __init__(self, model: Any, norm: str = 'Linf', eps: float = 8 / 255, version: str = 'standard',
                attacks_to_run: Sequence[str] = (), seed: int = 0, verbose: bool = True, *, steps: int = 100,
                n_targets: int = 9, queries: int = 5000, layout: str = 'NHWC', mesh: jax.sharding.Mesh | None = None,
-               log: Callable[[str], None] | None = None):
+               log: Callable[[str], None] | None = None, checks: bool = True):
     self.apply_fn, self.params = input_checks.split_model(model, 'model')
     self.norm = input_checks.norm_name(norm)
     input_checks.check_eps(eps, self.norm)
@@ -141,6 +145,7 @@ class AutoAttack:
     self.layout = str(layout).upper()
     self.mesh = mesh
     self._log = log or functools.partial(print, flush=True)
+    self.checks = bool(checks)
 
   @property
   def attacks_to_run(self) -> list[str]:
@@ -227,7 +232,8 @@ class AutoAttack:
     self.log(f'initial accuracy: {100 * clean_acc:.2f}%')
     t = time.perf_counter()
     first = slice(0, min(bs, len(y)))
-    result_warnings += self._checks(x[first], y[first], first_logits)
+    if self.checks:
+      result_warnings += self._checks(x[first], y[first], first_logits)
     seconds['checks'] = time.perf_counter() - t
     x_adv = x.copy()
     accuracy = {'clean': clean_acc}
@@ -264,28 +270,35 @@ class AutoAttack:
     return x_adv, result
 
   def _run_stage(self, stage, key, x, y, x_adv, robust, bs) -> None:
-    """One stage over the points still ``robust``, in place: updates ``x_adv`` and ``robust``."""
-    todo = np.flatnonzero(robust)
-    if todo.size == 0:
-      return
-    kernel = functools.partial(_stage_program, apply_fn=self.apply_fn, stage=stage, norm=self.norm,
-                               layout=self.layout)
+    """One stage over the points still ``robust``, in place: updates ``x_adv`` and ``robust``. As the authors'
+    code, each run of the stage (a restart, or a target of APGD-T/FAB-T) attacks only the points every earlier run
+    left robust, in batches of at most ``bs`` (the last one padded to the smallest of :func:`_batch_sizes`)."""
     sizes = _batch_sizes(bs, self.mesh.size)
     eps = np.float32(self.epsilon)
-    n_batches = -(-todo.size // bs)
-    t0, done, broken_total = time.perf_counter(), 0, 0
-    for b in range(n_batches):
-      idx = todo[b * bs:(b + 1) * bs]
-      size = min(s for s in sizes if s >= idx.size)
-      out = self._map(kernel, x[idx], y[idx], size, extra=(eps,), batch_key=jax.random.fold_in(key, b))
-      broken = out['broken']
-      x_adv[idx[broken]] = out['x_adv'][broken]
-      robust[idx[broken]] = False
-      done += idx.size
-      broken_total += int(broken.sum())
-      rate = done / max(time.perf_counter() - t0, 1e-9)
-      self.log(f'{stage.label} - {b + 1}/{n_batches} - {int(broken.sum())} out of {idx.size} successfully '
-               f'perturbed - {done}/{todo.size} points, {rate:.1f} img/s, ETA {_clock((todo.size - done) / rate)}')
+    runs = cascade.stage_runs(stage)
+    t0, done = time.perf_counter(), 0
+    for r, (random_start, target) in enumerate(runs):
+      todo = np.flatnonzero(robust)
+      if todo.size == 0:
+        return
+      kernel = functools.partial(_run_program, apply_fn=self.apply_fn, stage=stage, random_start=random_start,
+                                 norm=self.norm, layout=self.layout)
+      n_batches = -(-todo.size // bs)
+      what = stage.label + (f' target {target + 1}/{stage.n_targets}' if stage.name in ('apgd_t', 'fab_t') else '')
+      what += f' restart {r % stage.restarts + 1}/{stage.restarts}' if stage.restarts > 1 else ''
+      for b in range(n_batches):
+        idx = todo[b * bs:(b + 1) * bs]
+        size = min(s for s in sizes if s >= idx.size)
+        out = self._map(kernel, x[idx], y[idx], size, extra=(eps, np.int32(target)),
+                        batch_key=jax.random.fold_in(jax.random.fold_in(key, r), b))
+        broken = out['broken']
+        x_adv[idx[broken]] = out['x_adv'][broken]
+        robust[idx[broken]] = False
+        done += idx.size
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        left = todo.size - (b * bs + idx.size) + (len(runs) - r - 1) * int(robust.sum())
+        self.log(f'{what} - {b + 1}/{n_batches} - {int(broken.sum())} out of {idx.size} successfully perturbed - '
+                 f'{int(robust.sum())} robust points left, {rate:.1f} img/s, ETA {_clock(left / rate)}')
 
 
 def _describe(stage: cascade.Stage) -> str:

@@ -18,10 +18,6 @@ the batches are sharded over one XLA:CPU device per core (``--cpu_devices``).
 from __future__ import annotations
 
 import os
-
-# As arreg_jax.analyze: scipy's OpenBLAS threads (jaxlib's CPU LAPACK) oversubscribe the cores XLA already uses.
-os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
-
 import types
 
 from absl import app

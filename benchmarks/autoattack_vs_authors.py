@@ -2,8 +2,10 @@ r"""AutoAttack in arreg_jax against the authors' PyTorch code (fra31/auto-attack
 
 Agreement and throughput, side by side, of
   * APGD-CE (L∞, 100 iterations, 1 restart): ``attacks.apgd(loss='ce')`` vs ``autopgd_base.APGDAttack``;
-  * APGD-T (targeted DLR, 9 targets): ``attacks.apgd(loss='dlr_targeted')`` vs ``APGDAttack_targeted``;
-  * FAB-T (9 targets, 100 iterations, 1 restart, no random start): ``attacks.fab`` vs ``fab_pt.FABAttack_PT``;
+  * APGD-T (targeted DLR, 9 targets) vs ``APGDAttack_targeted`` and FAB-T (9 targets, 100 iterations, 1 restart,
+    no random start) vs ``fab_pt.FABAttack_PT``: both sides attack each target on the points still robust (ours:
+    ``attacks.AutoAttack(version='custom', attacks_to_run=[…], checks=False)``, the functional ``attacks.fab`` for
+    FAB-T's minimum norms);
   * the standard cascade APGD-CE → APGD-T → FAB-T → Square (5000 queries): ``attacks.AutoAttack(...)
     .run_standard_evaluation`` vs the authors' ``AutoAttack(...).run_standard_evaluation``, both with their checks.
 The authors' code comes from a checkout given by ``--autoattack_dir`` (it is not part of this repository).
@@ -156,14 +158,13 @@ def main(argv=None):
       adv, res = attacks.AutoAttack(pair, norm='Linf', eps=e, version='standard', seed=args.seed,
                                     mesh=mesh, log=lines.append).run_standard_evaluation(x, y, bs=n)
       return res.robust, adv, res.stages
-    if part == 'apgd_ce':
-      adv = attacks.apgd(pair, xs, ys, key, eps=e, loss='ce')
-    elif part == 'apgd_t':
-      adv = attacks.apgd(pair, xs, ys, key, eps=e, loss='dlr_targeted', n_targets=9)
-    else:
-      adv = attacks.fab(pair, xs, ys, key, eps=e, n_targets=9)
-    adv = np.asarray(jax.block_until_ready(adv))
-    return jax_robust(adv) & (np.asarray(jnp.argmax(pair.apply_fn(variables, x), -1)) == y), adv, None
+    if part == 'apgd_ce':  # one run: the functional attack on the whole batch
+      adv = np.asarray(jax.block_until_ready(attacks.apgd(pair, xs, ys, key, eps=e, loss='ce')))
+      return jax_robust(adv) & (np.asarray(jnp.argmax(pair.apply_fn(variables, x), -1)) == y), adv, None
+    # Targeted attacks as the authors' classes run them: each target on the points still robust (the front end).
+    adv, res = attacks.AutoAttack(pair, norm='Linf', eps=e, version='custom', attacks_to_run=[part], seed=args.seed,
+                                  mesh=mesh, checks=False, verbose=False).run_standard_evaluation(x, y, bs=n)
+    return res.robust, adv, None
 
   def authors(part, e):
     if part == 'standard':
@@ -224,7 +225,8 @@ def main(argv=None):
         100 * (row['arreg_jax']['robust_accuracy'] - row['authors']['robust_accuracy']), 2)
     if part == 'fab_t':  # FAB-T's minimum norms: with ε = 1 every adversarial point found counts
       found = {}
-      for side, fn in (('arreg_jax', ours), ('authors', authors)):
+      for side, fn in (('arreg_jax', lambda p_, e: (None, np.asarray(attacks.fab(pair, xs, ys, key, eps=e)), None)),
+                       ('authors', authors)):
         _, adv, _ = fn(part, 1.0)
         found[side] = linf(adv, x)
         row[side].pop('_norms', None)

@@ -200,22 +200,50 @@ def split_model(model: Any, name: str = 'logits_fn') -> tuple[Callable, Any]:
   return LogitsOnly(model), None
 
 
+# (model function, parameter and image shapes) -> (K, outputs already checked for probabilities): what the door
+# learnt by tracing or running the model once, so that repeated calls of an attack cost nothing more (bounded).
+_SEEN: dict = {}
+
+
+def _signature(apply_fn, params, images):
+  """A hashable key for the model function and the shapes it is called with, or None when apply_fn is unhashable."""
+  leaves, treedef = jax.tree.flatten(params)
+  key = (apply_fn, treedef, tuple((getattr(l, 'shape', None), str(getattr(l, 'dtype', type(l)))) for l in leaves),
+         tuple(images.shape), str(images.dtype))
+  try:
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
 def check_attack_inputs(model: Any, images: Any, labels: Any, eps: Any, norm: Any, *, rank: int | None = None,
                         name: str = 'logits_fn') -> tuple[str, int]:
   """The door of every public attack: model, images, labels (in range of the logits), ε and norm.
+
+  The model's output shape is learnt by tracing it once per (model function, shapes), and an eager call runs it on
+  a few images once to tell logits from probabilities; later calls reuse both.
 
   Returns ``(norm, K)``: the canonical norm name and the model's number of outputs.
   """
   norm = norm_name(norm)
   apply_fn, params = split_model(model, name)
   check_images(images, rank=rank)
-  _, k = logits_shape(lambda x: apply_fn(params, x), images)
+  key = _signature(apply_fn, params, images)
+  k, probed = _SEEN.get(key, (None, False)) if key is not None else (None, False)
+  if k is None:
+    _, k = logits_shape(lambda x: apply_fn(params, x), images)
   check_labels(labels, images.shape[0], k)
   check_eps(eps, norm)
   # An eager call: the forward pass of a few images tells logits from probabilities.
-  if is_concrete((params, images)) and is_local((params, images)):
+  if not probed and is_concrete((params, images)) and is_local((params, images)):
     with jax.ensure_compile_time_eval():
       logits = apply_fn(params, images[:8])
     if is_concrete(logits):
       warn_if_probabilities(logits)
+      probed = True
+  if key is not None and probed:  # concrete values only: never keep a function that closes over a caller's tracers
+    if len(_SEEN) > 256:
+      _SEEN.clear()
+    _SEEN[key] = (k, probed)
   return norm, k

@@ -168,10 +168,7 @@ def main(argv=None):
       'load_average_start': load_start, 'load_average_end': _uptime(),
       'jax_compile_and_first_call_s': round(compile_s, 2), 'equivalence': equivalence, 'results': results,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(out, f, indent=1)
-    f.write('\n')
+  at.write_results(args.out, out)
   print(json.dumps(results, indent=1))
 
 

@@ -45,6 +45,9 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import machine  # noqa: E402  (the JSON writer)
 from arreg_jax import spectral
 from arreg_jax.spectral import conv as spectral_conv
 from arreg_jax.spectral import model as spectral_model
@@ -379,10 +382,7 @@ def main(argv=None) -> int:
     print(f"| {name} | {r['num_conv_layers']} | {r['num_groups']} | {t['batched']['median_s']:.3f} | "
           f"{t['batched']['compile_s']:.2f} | {t['per_layer']['median_s']:.3f} | {t['per_layer']['compile_s']:.2f} | "
           f"{t['svs_batched']['median_s']:.3f} | {t['per_layer']['median_s'] / t['batched']['median_s']:.2f}× |")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + '.tmp', 'w') as f:
-    json.dump(report, f, indent=2)
-  os.replace(args.out + '.tmp', args.out)
+  machine.write_results(args.out, report)
   print(f'\nwrote {args.out}')
   return 0
 

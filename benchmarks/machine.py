@@ -57,8 +57,8 @@ def device_info() -> dict[str, Any]:
   info = {'jax_platform': d.platform, 'jax_device_kind': d.device_kind, 'jax_device_count': jax.device_count(),
           'cpu_model': cpu_model(), 'cpu_count': os.cpu_count(), 'hostname_platform': platform.platform()}
   try:
-    import jax.extend.backend  # pylint: disable=g-import-not-at-top
-    info['jax_platform_version'] = jax.extend.backend.get_backend().platform_version
+    from jax.extend import backend  # pylint: disable=g-import-not-at-top
+    info['jax_platform_version'] = backend.get_backend().platform_version
   except Exception:  # pylint: disable=broad-except  # informative only
     info['jax_platform_version'] = None
   smi = nvidia_smi()

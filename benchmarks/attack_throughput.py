@@ -75,32 +75,41 @@ LOGITS_RTOL, GRAD_RTOL = 1e-4, 1e-3
 def random_variables(name: str, key: jax.Array, calib_images: np.ndarray) -> tuple[Any, dict]:
   """``(module, variables)`` of model ``name`` with every layer random and non-zero.
 
-  Every kernel is redrawn He-normal (fan-in) × 0.6 (the ResNet has no normalization; 0.6 keeps a 56-layer residual
+  Every kernel is drawn He-normal (fan-in) × 0.6 (the ResNet has no normalization; 0.6 keeps a 56-layer residual
   stack from blowing up); biases N(0, 0.1²); BatchNorm scales U(0.5, 1.5), offsets N(0, 0.1²), and the running
   statistics are the batch statistics of ``calib_images`` (so evaluation mode is normalized, as after training).
+  The draws are numpy's (seeded from ``key``): drawing them with ``jax.random`` compiles a program per layer shape,
+  seconds on a CPU for nothing the benchmarks measure.
   """
   module = models.get_module(name, num_classes=NUM_CLASSES[name])
-  _, variables = models.create(name, num_classes=NUM_CLASSES[name], key=jax.random.fold_in(key, 0))
-  leaves, tree = jax.tree_util.tree_flatten_with_path(variables['params'])
-  keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+  x = jnp.asarray(calib_images)
+  shapes = jax.eval_shape(lambda k: module.init(k, x[:1]), key)  # the variables' structure; nothing is compiled
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+  leaves, tree = jax.tree_util.tree_flatten_with_path(shapes['params'])
   new = []
-  for (path, x), k in zip(leaves, keys):
-    leaf = str(path[-1].key)
-    if leaf == 'kernel':
-      fan_in = int(np.prod(x.shape[:-1]))
-      new.append(jax.random.normal(k, x.shape) * np.sqrt(2.0 / fan_in) * 0.6)
-    elif leaf == 'bias':
-      new.append(0.1 * jax.random.normal(k, x.shape))
-    elif leaf == 'scale':
-      new.append(jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5))
+  for path, leaf in leaves:
+    kind, shape = str(path[-1].key), leaf.shape
+    if kind == 'kernel':
+      fan_in = int(np.prod(shape[:-1]))
+      new.append(rng.standard_normal(shape) * np.sqrt(2.0 / fan_in) * 0.6)
+    elif kind == 'bias':
+      new.append(0.1 * rng.standard_normal(shape))
+    elif kind == 'scale':
+      new.append(rng.uniform(0.5, 1.5, shape))
     else:
       raise ValueError(f'unexpected parameter {path}')
-  variables = {**variables, 'params': jax.tree_util.tree_unflatten(tree, new)}
-  if 'batch_stats' in variables:
-    # Running averages move 10% towards the batch statistics per call (momentum 0.9); solve for the batch's own.
-    _, upd = module.apply(variables, jnp.asarray(calib_images), train=True, mutable=['batch_stats'])
-    variables['batch_stats'] = jax.tree.map(lambda new, old: (new - 0.9 * old) / 0.1, upd['batch_stats'],
-                                            variables['batch_stats'])
+  variables = {'params': jax.tree_util.tree_unflatten(tree, [jnp.asarray(a, jnp.float32) for a in new])}
+  if 'batch_stats' in shapes:
+    # Start from flax's initial running statistics (mean 0, variance 1); a training-mode call moves them 10% towards
+    # the batch's own (momentum 0.9): solve for the batch statistics, in one compiled program.
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.full(leaf.shape, 1.0 if str(path[-1].key) == 'var' else 0.0, leaf.dtype),
+        shapes['batch_stats'])
+
+    def calibrate(params, stats, x):
+      _, upd = module.apply({'params': params, 'batch_stats': stats}, x, train=True, mutable=['batch_stats'])
+      return jax.tree.map(lambda new, old: (new - 0.9 * old) / 0.1, upd['batch_stats'], stats)
+    variables['batch_stats'] = jax.jit(calibrate)(variables['params'], stats, x)
   return module, variables
 
 

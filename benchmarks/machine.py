@@ -64,8 +64,8 @@ def device_info() -> dict[str, Any]:
   smi = nvidia_smi()
   if smi is not None:
     info['nvidia_smi'] = smi
-  if 'torch' in sys.modules:  # only where a benchmark already uses it: importing torch takes seconds
-    torch = sys.modules['torch']
+  torch = sys.modules.get('torch')  # only where a benchmark already uses it: importing torch takes seconds
+  if torch is not None:
     info['torch_cuda'] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
   return info
 

@@ -12,8 +12,10 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,6 +64,12 @@ class Training:
   compile_s: float
 
 
+def model_module(name: str, num_classes: int, precision: str = 'float32'):
+  """The Flax module of model ``name`` computing in ``precision`` (``config.precision``'s values)."""
+  from arreg_jax import models  # pylint: disable=g-import-not-at-top
+  return models.get_module(name, num_classes=num_classes, dtype=models.compute_dtype(precision))
+
+
 def training_mesh(batch_size: int):
   """The mesh a run trains on: the largest device count that divides the batch."""
   from arreg_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -84,8 +92,7 @@ def build_training(config, strength: float, images, labels, *, num_classes: int,
   num_train = int(images.shape[0])
   if not 1 <= batch <= num_train:
     raise ValueError(f'batch {batch} must be between 1 and the {num_train} training images')
-  module = models.get_module(config.model.name, num_classes=num_classes,
-                             dtype=models.compute_dtype(config.precision))
+  module = model_module(config.model.name, num_classes, config.precision)
   _, variables = models.create(config.model.name, num_classes=num_classes, key=jax.random.key(seed))
   steps_per_epoch = num_train // batch
   tx = train.make_optimizer(config.train, steps_per_epoch)
@@ -208,7 +215,7 @@ def memory_stats() -> dict[str, int] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run: budget, parts, files.
+# The shapes of a run.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +258,6 @@ TINY = Settings(tiny=True, attack_model='resnet20', attack_batches=(2,), attack_
 PRECISIONS = ('float32', 'bfloat16')
 EPS_APGD = (8 / 255, 0.5 / 255)
 EPS_AUTOATTACK = 0.5 / 255
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,10 +356,8 @@ def part_at_epoch(p: Part) -> None:
     strength = 8.0
     t = build_training(config, strength, images, labels, num_classes=10, augment_kind='cifar', mesh=mesh)
     if flops is None:  # the same arithmetic in both precisions; counted on the float32 model
-      f32 = _epoch_config(s, 'float32')
-      from arreg_jax import models  # pylint: disable=g-import-not-at-top
-      flops = train_throughput.count_flops(models.get_module(f32.model.name, num_classes=10), t.variables,
-                                           s.epoch_batch, int(config.attack.steps), depth=depth)
+      flops = train_throughput.count_flops(model_module(config.model.name, 10), t.variables, s.epoch_batch,
+                                           int(config.attack.steps), depth=depth)
       p.record(flops_per_step=flops)
     perm = place(jax.random.permutation(jax.random.key(2), s.epoch_images).astype(jnp.int32), mesh)
     t_warm = time.perf_counter()
@@ -458,12 +462,19 @@ def part_wrn_memory(p: Part) -> None:
     peak = after.get('peak_bytes_in_use')
     row.update(bytes_in_use_before_part=(before or {}).get('bytes_in_use'),
                peak_bytes_before_part=(before or {}).get('peak_bytes_in_use'),
-               bytes_in_use_before_step=(in_use or {}).get('bytes_in_use'), peak_bytes_in_use=peak,
+               bytes_in_use_before_step=(in_use or {}).get('bytes_in_use'),
+               peak_bytes_before_step=(in_use or {}).get('peak_bytes_in_use'), peak_bytes_in_use=peak,
                bytes_limit=after.get('bytes_limit'))
-    if peak is not None and 'new_bytes' in figures and in_use:
+    # The allocator keeps one peak for the process: it shows the step's own only if the step raised it beyond
+    # everything before (earlier parts, this program's compilation and autotuning).
+    isolated = peak is not None and in_use is not None and peak > in_use.get('peak_bytes_in_use', -1)
+    row['peak_isolated'] = isolated
+    if isolated and 'new_bytes' in figures:
       measured_new = peak - in_use['bytes_in_use']
-      row.update(measured_new_bytes=measured_new, measured_over_predicted_new=measured_new / max(figures['new_bytes'], 1),
-                 peak_isolated=peak > (before or {}).get('peak_bytes_in_use', -1))
+      row.update(measured_new_bytes=measured_new,
+                 measured_over_predicted_new=measured_new / max(figures['new_bytes'], 1))
+    elif not isolated:
+      row['measured_note'] = 'the process reached its peak before the step: the step\'s own peak is not visible'
   p.add(row)
   print(f'  {s.wrn_model} batch {s.wrn_batch}: microbatches {t.microbatches}, step '
         f'{row.get("step_s_median", float("nan")):.3f} s; predicted new bytes {figures.get("new_bytes")}, '
@@ -509,10 +520,10 @@ def part_apgd_autoattack(p: Part) -> None:
   jax_apgd = jax.jit(lambda v, x, y, k, e: apgd(lambda z: module.apply(v, z), x, y, k, eps=e, steps=s.apgd_steps,
                                                 loss='ce')).lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  apgd_s = None
+  apgd_s = pair_s = None
   for eps in EPS_APGD:  # ε is an argument: one compiled program for both radii
-    if apgd_s is not None and not p.fits(2 * apgd_s):
-      p.skip(f'apgd eps {eps * 255:g}/255', 'budget')
+    if pair_s is not None and not p.fits(pair_s):
+      p.skip(f'apgd eps {eps * 255:g}/255', f'budget: the last radius took {pair_s:.0f} s, {p.left():.0f} s left')
       continue
     t0 = time.perf_counter()
     adv = jax.block_until_ready(jax_apgd(variables, x, y, jax.random.key(2), jnp.float32(eps)))
@@ -522,7 +533,9 @@ def part_apgd_autoattack(p: Part) -> None:
            'robust_accuracy': robust(adv), 'max_linf': float(jnp.max(jnp.abs(adv - x)))})
     if authors is not None:
       authors.apgd(eps)
-  # The cascade: APGD-CE, 9 APGD-T runs, Square's queries; guessed from one APGD-CE run (100 iterations).
+    pair_s = time.perf_counter() - t0
+  # The cascade: APGD-CE, 9 APGD-T runs, Square's queries (a forward each, about 1/300 of an APGD run of 100
+  # forward-backward iterations), guessed from one APGD-CE run; compiling it takes longer than APGD-CE alone.
   estimate = (12 + s.aa_queries / 300) * (apgd_s or 1.0) + 2 * compile_s
   if not p.fits(estimate):
     p.skip('autoattack', f'budget: ≈ {estimate:.0f} s needed, {p.left():.0f} s left')
@@ -536,8 +549,9 @@ def part_apgd_autoattack(p: Part) -> None:
   t0 = time.perf_counter()
   adv, history = jax.block_until_ready(jax_aa(*args))
   secs = time.perf_counter() - t0
-  p.add({'attack': 'autoattack_standard', 'eps': EPS_AUTOATTACK, 'method': 'arreg_jax', 'compile_s': round(compile_s, 2),
-         'seconds': round(secs, 4), 'images_per_s': round(n / secs, 2), 'robust_accuracy': robust(adv),
+  p.add({'attack': 'autoattack_standard', 'eps': EPS_AUTOATTACK, 'method': 'arreg_jax',
+         'compile_s': round(compile_s, 2), 'seconds': round(secs, 4), 'images_per_s': round(n / secs, 2),
+         'robust_accuracy': robust(adv),
          'robust_after': {k: float(np.mean(np.asarray(history[k])))  # in cascade order (pytrees sort keys)
                           for k in ('clean', 'apgd_ce', 'apgd_t', 'square') if k in history}})
   if authors is not None:
@@ -655,7 +669,7 @@ def part_mnist_default(p: Part) -> None:
     env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'  # this process already holds JAX's preallocated pool
   if s.tiny:
     env['JAX_THREEFRY_PARTITIONABLE'] = '0'  # as this process in tiny mode (main): compiles in a third of the time
-  p.record(mnist_command=' '.join(argv), workdir=workdir,
+  p.record(mnist_command=' '.join(argv), workdir=f'{workdir} (removed at the end)',
            child_env={k: env.get(k) for k in ('XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_FLAGS', 'JAX_PLATFORMS',
                                               'JAX_THREEFRY_PARTITIONABLE')})
   log_path = os.path.join(workdir, 'suite_log.txt')
@@ -680,9 +694,9 @@ def part_mnist_default(p: Part) -> None:
   row['report_s'] = float(m.group(1)) if m else None
   summary = os.path.join(workdir, 'summary.json')
   if os.path.exists(summary):
-    import json  # pylint: disable=g-import-not-at-top
     with open(summary) as f:
       row['summary_rows'] = json.load(f).get('rows')
+  shutil.rmtree(workdir, ignore_errors=True)  # checkpoints and all: what matters is in this part's file
   p.add(row)
   print(f'  {" ".join(argv[1:5])}: exit {code}, {wall:.1f} s{" (timed out)" if timed_out else ""}', flush=True)
   if code != 0:

@@ -96,9 +96,9 @@ def test_parts_can_be_chosen_and_bad_arguments_are_refused(tmp_path):
     assert r.returncode == 2 and 'error' in r.stderr
 
 
-@pytest.mark.parametrize('kind, name', [('NVIDIA H100 80GB HBM3', 'H100 SXM'), ('NVIDIA H200', 'H200 (H100 SXM compute)'),
-                                        ('NVIDIA H100 PCIe', 'H100 PCIe'), ('NVIDIA A100-SXM4-80GB', 'A100'),
-                                        ('NVIDIA H200 NVL', None), ('cpu', None)])
+@pytest.mark.parametrize('kind, name', [('NVIDIA H100 80GB HBM3', 'H100 SXM'),
+                                        ('NVIDIA H200', 'H200 (H100 SXM compute)'), ('NVIDIA H100 PCIe', 'H100 PCIe'),
+                                        ('NVIDIA A100-SXM4-80GB', 'A100'), ('NVIDIA H200 NVL', None), ('cpu', None)])
 def test_known_peaks(kind, name):
   peak = gpu_parts.known_peak(kind)
   assert peak['device'] == name

@@ -34,7 +34,7 @@ for w in "$DEST"/*.whl; do
 done
 
 wheels=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
-tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 extra=0
 if [ -d .autoattack ]; then extra=$(du -sb .autoattack | cut -f1); fi
 total=$((wheels + tree + extra))

@@ -6,8 +6,10 @@ skipped for the budget and still leaves its file. The pure helpers (peaks, proje
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,10 +20,18 @@ sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import gpu_parts  # noqa: E402  pylint: disable=wrong-import-position
 
 
-def _suite(out, *args, timeout=300):
+def _env(tmp_path):
+  """The environment of a suite run: no CPU device count of the caller's, scratch files (the MNIST run's) under
+  ``tmp_path``."""
+  scratch = tmp_path / 'scratch'
+  scratch.mkdir(exist_ok=True)
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
-  r = subprocess.run([sys.executable, 'benchmarks/gpu_suite.py', '--out', str(out), *args], cwd=REPO, env=env,
-                     capture_output=True, text=True, timeout=timeout)
+  return {**env, 'TMPDIR': str(scratch)}
+
+
+def _suite(out, *args, timeout=300):
+  r = subprocess.run([sys.executable, 'benchmarks/gpu_suite.py', '--out', str(out), *args], cwd=REPO,
+                     env=_env(out.parent), capture_output=True, text=True, timeout=timeout)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   index = json.loads((out / 'index.json').read_text())
   parts = {name: json.loads((out / f'{i}_{name}.json').read_text()) for i, name in enumerate(PARTS, 1)}
@@ -80,8 +90,33 @@ def test_tiny_suite_writes_every_part(tmp_path):
   assert mnist['returncode'] == 0 and mnist['summary_rows'] and mnist['training_s'] > 0
 
 
+def test_a_killed_run_leaves_what_it_finished(tmp_path):
+  # Killed while its second part runs: the first part's file is complete, the second's and the index say 'running'.
+  out = tmp_path / 'out'
+  proc = subprocess.Popen([sys.executable, 'benchmarks/gpu_suite.py', '--out', str(out), '--tiny',
+                           '--parts', 'spectral_clip,mnist_default'], cwd=REPO, env=_env(tmp_path),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  try:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+      mnist = out / '6_mnist_default.json'
+      if mnist.exists() and json.loads(mnist.read_text())['status'] == 'running':
+        break
+      time.sleep(0.2)
+    assert proc.poll() is None, 'the run ended before it could be killed'
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)  # the suite and the MNIST run it started (its own process group)
+    proc.wait(timeout=60)
+  index = json.loads((out / 'index.json').read_text())
+  status = {p['name']: p['status'] for p in index['parts']}
+  assert not index['finished'] and status['spectral_clip'] == 'done' and status['mnist_default'] == 'running'
+  assert json.loads((out / '5_spectral_clip.json').read_text())['results']
+  assert json.loads((out / '6_mnist_default.json').read_text())['status'] == 'running'
+  assert not [f for f in os.listdir(out) if '.tmp' in f]  # no half-written file left behind
+
+
 def test_no_budget_skips_every_part_and_says_why(tmp_path):
-  index, parts = _suite(tmp_path, '--budget_s', '0', timeout=120)
+  index, parts = _suite(tmp_path / 'out', '--budget_s', '0', timeout=120)
   assert index['finished']
   for name, part in parts.items():
     assert part['status'] == 'skipped' and part['reason'].startswith('budget'), (name, part)

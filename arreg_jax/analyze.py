@@ -30,10 +30,14 @@ from arreg_jax.cli import fail, quiet_orbax
 from arreg_jax.report import builder
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'The sweep directory written by python -m arreg_jax.main.')
-flags.DEFINE_bool('reuse', False, 'Keep up-to-date analysis.json files instead of recomputing them.')
-flags.DEFINE_bool('report_only', False, 'Only rebuild report.md, claims.json and the figures.')
-flags.mark_flags_as_required(['workdir'])
+
+
+def define_flags() -> None:
+  """Defines the command line's flags (at start-up, not at import: ``arreg_jax.main`` has a ``--workdir`` too)."""
+  flags.DEFINE_string('workdir', None, 'The sweep directory written by python -m arreg_jax.main.')
+  flags.DEFINE_bool('reuse', False, 'Keep up-to-date analysis.json files instead of recomputing them.')
+  flags.DEFINE_bool('report_only', False, 'Only rebuild report.md, claims.json and the figures.')
+  flags.mark_flags_as_required(['workdir'])
 
 
 def analyse_and_report(workdir: str, *, reuse: bool = False, report_only: bool = False) -> dict:
@@ -67,6 +71,7 @@ def main(argv):
 
 
 def cli() -> None:
+  define_flags()
   app.run(main)
 
 

@@ -9,8 +9,8 @@ work directory, divergence, a full disk) are printed as one line, without a trac
 
 ``--cpu_devices=auto`` (the default) splits a CPU-only host into one XLA:CPU device per core, over which the batch is
 sharded (:mod:`arreg_jax.host_devices`); ``--cpu_devices=N`` asks for N devices, ``--cpu_devices=1`` keeps XLA's
-single device. It changes nothing on GPU/TPU hosts or when ``XLA_FLAGS`` already sets
-``--xla_force_host_platform_device_count``.
+single device. It changes nothing on GPU/TPU hosts or when the user already set the CPU device count
+(``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``, or ``JAX_NUM_CPU_DEVICES``).
 """
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ from arreg_jax.errors import ArregError
 from arreg_jax.report import builder
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<name>.py[:smoke]).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the report.')
-flags.DEFINE_string('cpu_devices', 'auto', "XLA:CPU devices on a CPU-only host: 'auto' (one per core) or N.")
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_flags() -> None:
+  """Defines the command line's flags (at start-up, not at import: ``arreg_jax.analyze`` has a ``--workdir`` too)."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<name>.py[:smoke]).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the report.')
+  flags.DEFINE_string('cpu_devices', 'auto', "XLA:CPU devices on a CPU-only host: 'auto' (one per core) or N.")
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 _NONE_OVERRIDE = re.compile(r'^--config\.([\w.]+)=(None|none)$')
 _none_overrides: list[str] = []
@@ -137,6 +141,7 @@ def config_failure(e: Exception) -> None:
 
 def cli() -> None:
   """Console-script entry point."""
+  define_flags()
   app.run(main, flags_parser=parse_flags)
 
 

@@ -45,12 +45,17 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import machine  # noqa: E402  (the JSON writer)
 from arreg_jax import spectral
 from arreg_jax.spectral import conv as spectral_conv
 from arreg_jax.spectral import model as spectral_model
 
-_INPUT_SHAPES = {'resnet56': (1, 32, 32, 3), 'wrn50_2': (1, 56, 56, 3)}
-_NUM_CLASSES = {'resnet56': 10, 'wrn50_2': 200}
+# cifar_cnn (three conv layers): the smallest model with convs, for quick checks (benchmarks/gpu_suite.py --tiny).
+_INPUT_SHAPES = {'cifar_cnn': (1, 32, 32, 3), 'resnet20': (1, 32, 32, 3), 'resnet56': (1, 32, 32, 3),
+                 'wrn50_2': (1, 56, 56, 3)}
+_NUM_CLASSES = {'cifar_cnn': 10, 'resnet20': 10, 'resnet56': 10, 'wrn50_2': 200}
 
 
 def _block(tree):
@@ -70,7 +75,8 @@ def _model_layers(name: str) -> tuple[dict[str, Any], tuple[spectral.LayerSpec, 
   """Conv specs of the real model (or, if arreg_jax.models is unavailable, of its exact shapes), random kernels.
 
   The model is traced abstractly (``jax.eval_shape`` of its init), which is all ``layer_specs`` needs; kernels are
-  random He-scaled normals, because Fixup starts half of the convs at zero, which would make clipping trivial.
+  random He-scaled normals (numpy's), because Fixup starts half of the convs at zero, which would make clipping
+  trivial.
   """
   try:
     from arreg_jax import models  # pylint: disable=import-outside-toplevel
@@ -83,11 +89,11 @@ def _model_layers(name: str) -> tuple[dict[str, Any], tuple[spectral.LayerSpec, 
     specs = _synthetic_specs(name)
     source = 'synthetic shapes (arreg_jax.models unavailable)'
   specs = tuple(s for s in specs if s.kind == 'conv')
-  key = jax.random.PRNGKey(1)
+  rng = np.random.default_rng(1)  # numpy: jax.random would compile a program per kernel shape first
   conv_params: dict[str, Any] = {}
-  for i, s in enumerate(specs):
+  for s in specs:
     fan_in = int(np.prod(s.kernel_shape[:-1]))
-    kernel = jax.random.normal(jax.random.fold_in(key, i), s.kernel_shape) * np.sqrt(2.0 / fan_in)
+    kernel = jnp.asarray(rng.standard_normal(s.kernel_shape) * np.sqrt(2.0 / fan_in), jnp.float32)
     node = conv_params
     for p in s.path:
       node = node.setdefault(p, {})
@@ -379,10 +385,7 @@ def main(argv=None) -> int:
     print(f"| {name} | {r['num_conv_layers']} | {r['num_groups']} | {t['batched']['median_s']:.3f} | "
           f"{t['batched']['compile_s']:.2f} | {t['per_layer']['median_s']:.3f} | {t['per_layer']['compile_s']:.2f} | "
           f"{t['svs_batched']['median_s']:.3f} | {t['per_layer']['median_s'] / t['batched']['median_s']:.2f}× |")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + '.tmp', 'w') as f:
-    json.dump(report, f, indent=2)
-  os.replace(args.out + '.tmp', args.out)
+  machine.write_results(args.out, report)
   print(f'\nwrote {args.out}')
   return 0
 

@@ -124,8 +124,10 @@ def matmul_peak(n: int, repeats: int) -> dict[str, Any]:
   return out
 
 
-def count_flops(module, variables: dict, batch: int, steps: int) -> dict[str, Any]:
-  """XLA's and the analytic FLOP counts of one PGD-``steps`` adversarial training step of ``batch`` images."""
+def count_flops(module, variables: dict, batch: int, steps: int, depth: int = 56, num_classes: int = 10
+                ) -> dict[str, Any]:
+  """XLA's and the analytic FLOP counts of one PGD-``steps`` adversarial training step of ``batch`` images of the
+  CIFAR ResNet-``depth`` ``module`` (32×32×3 inputs)."""
   x = jnp.zeros((batch, 32, 32, 3), jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
   params = variables['params']
@@ -144,7 +146,7 @@ def count_flops(module, variables: dict, batch: int, steps: int) -> dict[str, An
   xla['step'] = steps * xla['pgd_step'] + xla['update']
   out = {'xla': xla}
   for tag, valid in (('analytic', False), ('analytic_valid_taps', True)):
-    macs, stem = resnet_macs(valid_taps_only=valid)
+    macs, stem = resnet_macs(depth, num_classes, valid_taps_only=valid)
     a = {'forward': 2 * macs * batch, 'pgd_step': 4 * macs * batch, 'update': 2 * (3 * macs - stem) * batch}
     a['step'] = steps * a['pgd_step'] + a['update']
     out[tag] = a

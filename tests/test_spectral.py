@@ -7,6 +7,7 @@ Long 2019 give the FFT shortcut that ``spectral`` implements; the oracle does no
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -242,12 +243,16 @@ def test_layer_specs_of_tiny_model(tiny):
   specs = spectral.layer_specs(model, variables, (1, 8, 8, 3))
   assert [(s.name, s.kind, s.stride, s.input_hw) for s in specs] == _EXPECTED_LAYERS
   assert all(s.exact for s in specs)
-  # an apply function (as arreg_jax.models.create returns) gives the same specs, jitted or not
+  assert [s.path for s in specs] == [(name, 'kernel') for name, *_ in _EXPECTED_LAYERS]  # in variables['params']
+  # an apply function (as arreg_jax.models.create returns) gives the same specs, jitted or not; its params are the
+  # whole variables dict, so the paths start with the 'params' collection
   apply_fn = lambda v, x, *, train=False: model.apply(v, x, train=train)
-  assert spectral.layer_specs(apply_fn, variables, (2, 8, 8, 3), train=False) == specs
+  in_params = lambda found: tuple(dataclasses.replace(s, path=s.path[1:]) for s in found)
+  found = spectral.layer_specs(apply_fn, variables, (2, 8, 8, 3), train=False)
+  assert all(s.path[0] == 'params' for s in found) and in_params(found) == specs
   jitted = jax.jit(apply_fn)
   jitted(variables, jnp.zeros((1, 8, 8, 3)))  # a cached trace must not hide the layers
-  assert spectral.layer_specs(jitted, variables, (1, 8, 8, 3)) == specs
+  assert in_params(spectral.layer_specs(jitted, variables, (1, 8, 8, 3))) == specs
 
 
 def test_layer_singular_values_match_oracle(tiny):
@@ -284,7 +289,7 @@ def test_clip_params_batched_equals_per_layer(tiny):
   specs = spectral.layer_specs(model, variables, (1, 8, 8, 3))
   # add a second layer of the stem's shape so that a group really has several members
   params = dict(params, stem2={'kernel': 2 * params['stem']['kernel'] + 0.1})
-  specs = specs + (spectral.LayerSpec(('stem2',), 'conv', specs[0].kernel_shape, (1, 1), (8, 8)),)
+  specs = specs + (spectral.LayerSpec(('stem2', 'kernel'), 'conv', specs[0].kernel_shape, (1, 1), (8, 8)),)
   params = jax.tree.map(lambda p: 3 * p + 0.05, params)  # make every layer exceed c (Dense init is not zero)
   c, rounds = 0.8, 2
   clipped = spectral.clip_params(params, specs, c, rounds=rounds)
@@ -313,7 +318,7 @@ def test_chunked_groups_match_vmapped_groups(tiny, monkeypatch):
   params = jax.tree.map(lambda p: 3 * p, variables['params'])
   specs = {s.name: s for s in spectral.layer_specs(model, variables, (1, 8, 8, 3))}
   params = dict(params, stem2={'kernel': params['stem']['kernel'] + 0.1})
-  specs = (specs['stem'], spectral.LayerSpec(('stem2',), 'conv', specs['stem'].kernel_shape, (1, 1), (8, 8)),
+  specs = (specs['stem'], spectral.LayerSpec(('stem2', 'kernel'), 'conv', specs['stem'].kernel_shape, (1, 1), (8, 8)),
            specs['down'], specs['head'])
   want_clip = spectral.clip_params(params, specs, 0.8, rounds=2)
   want_svs = spectral_model._compiled_svs(specs)(params)
@@ -331,8 +336,8 @@ def test_chunked_groups_match_vmapped_groups(tiny, monkeypatch):
 
 
 def test_clip_params_refuses_one_kernel_at_two_sizes():
-  specs = (spectral.LayerSpec(('a',), 'conv', (3, 3, 2, 2), (1, 1), (8, 8)),
-           spectral.LayerSpec(('a',), 'conv', (3, 3, 2, 2), (1, 1), (4, 4)))
+  specs = (spectral.LayerSpec(('a', 'kernel'), 'conv', (3, 3, 2, 2), (1, 1), (8, 8)),
+           spectral.LayerSpec(('a', 'kernel'), 'conv', (3, 3, 2, 2), (1, 1), (4, 4)))
   with pytest.raises(ValueError, match='two input sizes'):
     spectral.clip_params({'a': {'kernel': jnp.zeros((3, 3, 2, 2))}}, specs, 1.0)
 

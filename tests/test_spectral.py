@@ -108,7 +108,7 @@ def test_oracle_is_the_wrap_around_convolution(kernel_shape, input_hw, stride):
 @pytest.mark.parametrize('kernel_shape,input_hw,stride', CASES)
 def test_conv_singular_values_match_oracle(kernel_shape, input_hw, stride):
   kernel = _rand(kernel_shape)
-  svs = spectral.conv_singular_values(kernel, input_hw, stride=stride)
+  svs = spectral.conv_singular_values(kernel, input_hw, layout='HWIO', stride=stride)
   kh, kw, cin, cout = kernel_shape
   assert svs.shape == ((input_hw[0] // stride) * (input_hw[1] // stride) * min(stride * stride * cin, cout),)
   _assert_spectrum_close(svs, oracle_svs(kernel, input_hw, (stride, stride)))
@@ -116,7 +116,7 @@ def test_conv_singular_values_match_oracle(kernel_shape, input_hw, stride):
 
 def test_pointwise_conv_repeats_the_matrix_spectrum():
   kernel = _rand((1, 1, 4, 6))
-  svs = np.asarray(spectral.conv_singular_values(kernel, (3, 5)))
+  svs = np.asarray(spectral.conv_singular_values(kernel, (3, 5), layout='HWIO'))
   matrix_svs = np.linalg.svd(kernel[0, 0], compute_uv=False)
   np.testing.assert_allclose(np.sort(svs), np.sort(np.tile(matrix_svs, 15)), rtol=1e-5)
 
@@ -128,7 +128,7 @@ def test_dense_singular_values():
 
 def test_stride_must_divide_input():
   with pytest.raises(ValueError, match='multiple of the stride'):
-    spectral.conv_singular_values(_rand((3, 3, 2, 2)), (7, 7), stride=2)
+    spectral.conv_singular_values(_rand((3, 3, 2, 2)), (7, 7), layout='HWIO', stride=2)
 
 
 # ------------------------------------------------------------------------------------------------- clipping
@@ -141,7 +141,7 @@ def _oracle_norm(kernel, input_hw, stride=1):
 def test_one_and_ten_rounds_on_random_3x3x4x5():
   """The documented sanity numbers: ≈ 1.36 after one round, ≈ 1.03 after ten (8×8 inputs, clip to 1)."""
   kernel = _rand((3, 3, 4, 5))
-  norms = {r: _oracle_norm(spectral.clip_conv_kernel(kernel, 8, 1.0, rounds=r), (8, 8)) for r in (1, 10)}
+  norms = {r: _oracle_norm(spectral.clip_conv_kernel(kernel, 8, 1.0, layout='HWIO', rounds=r), (8, 8)) for r in (1, 10)}
   assert _oracle_norm(kernel, (8, 8)) > 10
   assert 1.2 < norms[1] < 1.5, norms
   assert 1.0 < norms[10] < 1.06, norms
@@ -158,7 +158,7 @@ def test_one_and_ten_rounds_on_random_3x3x4x5():
 def test_clip_reaches_max_sv(kernel_shape, input_hw, stride, rounds, tol):
   kernel = 3 * _rand(kernel_shape)
   c = 1.0
-  clipped = spectral.clip_conv_kernel(kernel, input_hw, c, rounds=rounds, stride=stride)
+  clipped = spectral.clip_conv_kernel(kernel, input_hw, c, layout='HWIO', rounds=rounds, stride=stride)
   assert clipped.shape == kernel.shape and clipped.dtype == kernel.dtype
   assert _oracle_norm(kernel, input_hw, stride) > 2 * c
   assert _oracle_norm(clipped, input_hw, stride) <= c * (1 + tol)
@@ -171,7 +171,7 @@ def test_clip_first_round_is_sedghi_projection():
   u, s, vh = np.linalg.svd(f, full_matrices=False)
   f_clipped = np.einsum('...ik,...k,...kj->...ij', u, np.minimum(s, c), vh)
   expected = np.real(np.fft.ifft2(f_clipped, axes=(0, 1)))[:3, :3]
-  np.testing.assert_allclose(spectral.clip_conv_kernel(kernel, 8, c), expected, atol=1e-5)
+  np.testing.assert_allclose(spectral.clip_conv_kernel(kernel, 8, c, layout='HWIO'), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize('kernel_shape,input_hw,stride', [((3, 3, 4, 5), (8, 8), 1), ((3, 3, 4, 6), (8, 8), 2),
@@ -179,14 +179,14 @@ def test_clip_first_round_is_sedghi_projection():
 def test_clip_leaves_kernel_under_max_sv_unchanged(kernel_shape, input_hw, stride):
   kernel = _rand(kernel_shape)
   kernel = (kernel / _oracle_norm(kernel, input_hw, stride) * 0.9).astype(np.float32)
-  clipped = spectral.clip_conv_kernel(kernel, input_hw, 1.0, rounds=3, stride=stride)
+  clipped = spectral.clip_conv_kernel(kernel, input_hw, 1.0, layout='HWIO', rounds=3, stride=stride)
   np.testing.assert_array_equal(np.asarray(clipped), kernel)
 
 
 @pytest.mark.parametrize('kernel_shape', [(3, 3, 2, 3), (1, 1, 2, 3)])
 def test_zero_rounds_is_identity(kernel_shape):
   kernel = 5 * _rand(kernel_shape)
-  np.testing.assert_array_equal(np.asarray(spectral.clip_conv_kernel(kernel, 4, 0.1, rounds=0)), kernel)
+  np.testing.assert_array_equal(np.asarray(spectral.clip_conv_kernel(kernel, 4, 0.1, layout='HWIO', rounds=0)), kernel)
 
 
 def test_clip_dense_kernel():
@@ -300,7 +300,7 @@ def test_clip_params_batched_equals_per_layer(tiny):
     if spec.kind == 'dense':
       want = spectral.clip_dense_kernel(kernel, c)
     else:
-      want = spectral.clip_conv_kernel(kernel, spec.input_hw, c, rounds=rounds, stride=spec.stride)
+      want = spectral.clip_conv_kernel(kernel, spec.input_hw, c, layout='HWIO', rounds=rounds, stride=spec.stride)
     np.testing.assert_allclose(got, np.asarray(want), atol=1e-5, err_msg=spec.name)
     assert not np.allclose(got, np.asarray(kernel))
   # untouched leaves come back as they were

@@ -24,7 +24,8 @@ _CALLS = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr', 'core_ca
           'remat2': 'jaxpr', 'checkpoint': 'jaxpr', 'custom_jvp_call': 'call_jaxpr',
           'custom_vjp_call': 'call_jaxpr', 'custom_vjp_call_jaxpr': 'fun_jaxpr'}
 # Primitives that leave values unchanged (a weight seen through them is the weight).
-_IDENTITY = ('convert_element_type', 'copy', 'copy_p', 'sharding_constraint', 'pvary', 'optimization_barrier')
+_IDENTITY = ('convert_element_type', 'copy', 'copy_p', 'stop_gradient', 'sharding_constraint', 'pvary',
+             'optimization_barrier')
 _OPERATORS = ('conv_general_dilated', 'dot_general')
 
 
@@ -184,7 +185,8 @@ class Walker:
         return [Val(leaves=leaves, chain=(path, ops if op is True else ops + (op,)))]
     if len(ins) == 1 and n_out == 1 and eqn.primitive.name in _IDENTITY:
       return [ins[0]]
-    via = next((v.via for v in ins if v.via), '') or eqn.primitive.name
+    # the operation that hides a leaf from the layout chain (e.g. 'div' for W / σ), for messages
+    via = eqn.primitive.name if any(v.chain for v in ins) else next((v.via for v in ins if v.via), eqn.primitive.name)
     node = _Node(lambda leaves, *args, eqn=eqn: _bind(eqn, *args), [v.as_node() for v in ins])
     return [Val(leaves=leaves, via=via, node=_Node(lambda leaves, outs, i=i: outs[i], [node]))
             for i in range(n_out)]

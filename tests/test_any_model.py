@@ -1,0 +1,210 @@
+"""The spectral toolkit on any JAX model: one small CNN written in Flax linen, Flax NNX, Equinox and plain JAX.
+
+Every conv layer's singular values are checked against an oracle that never uses the FFT method: the dense Jacobian
+of that layer's wrap-around operator, built from the layer's own kernel in its own layout (NHWC/HWIO for linen and
+NNX, NCHW/OIHW for Equinox, NHWC/OIHW for the plain-JAX network) with ``lax.conv_general_dilated`` and
+``jax.jacfwd``, decomposed by ``np.linalg.svd`` in float64. Dense layers are checked against ``np.linalg.svd`` of
+their weight, whatever its orientation. The four networks hold the same weights, so they must give the same spectra
+and clip to the same weights; clipping must hand back the framework's own parameter structure.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from arreg_jax import adapters, spectral
+from arreg_jax.spectral.layer import key_name
+from oracles import assert_spectrum, conv_oracle_svs
+
+eqx = pytest.importorskip('equinox')
+
+HW, CIN, C1, C2, CLASSES = 8, 2, 4, 6, 5
+
+
+def _weights(seed=0):
+  """The shared weights in Flax layouts: HWIO conv kernels, (in, out) dense kernel."""
+  rng = np.random.default_rng(seed)
+  w = lambda *s: (rng.standard_normal(s) / 2).astype(np.float32)
+  return {'k1': w(3, 3, CIN, C1), 'b1': w(C1), 'k2': w(3, 3, C1, C2), 'b2': w(C2), 'w': w(C2, CLASSES),
+          'b': w(CLASSES)}
+
+
+class LinenNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(C1, (3, 3), name='conv1')(x))
+    x = nn.relu(nn.Conv(C2, (3, 3), strides=2, name='conv2')(x))
+    return nn.Dense(CLASSES, name='head')(x.mean(axis=(1, 2)))
+
+
+class NNXNet(nnx.Module):
+
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(CIN, C1, (3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(C1, C2, (3, 3), strides=2, rngs=rngs)
+    self.head = nnx.Linear(C2, CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.conv1(x))
+    x = nnx.relu(self.conv2(x))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+class EqxNet(eqx.Module):
+  conv1: eqx.nn.Conv2d
+  conv2: eqx.nn.Conv2d
+  head: eqx.nn.Linear
+
+  def __init__(self, key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    self.conv1 = eqx.nn.Conv2d(CIN, C1, 3, padding='SAME', key=k1)
+    self.conv2 = eqx.nn.Conv2d(C1, C2, 3, stride=2, padding='SAME', key=k2)
+    self.head = eqx.nn.Linear(C2, CLASSES, key=k3)
+
+  def __call__(self, x):  # one example, CHW
+    x = jax.nn.relu(self.conv1(x))
+    x = jax.nn.relu(self.conv2(x))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+_PLAIN_DN = ('NHWC', 'OIHW', 'NHWC')
+
+
+@jax.jit
+def plain_apply(p, x):
+  """Plain JAX: NHWC input, OIHW kernels, an (out, in) dense weight."""
+  h = jax.nn.relu(lax.conv_general_dilated(x, p['c1']['w'], (1, 1), 'SAME', dimension_numbers=_PLAIN_DN)
+                  + p['c1']['b'])
+  h = jax.nn.relu(lax.conv_general_dilated(h, p['c2']['w'], (2, 2), 'SAME', dimension_numbers=_PLAIN_DN)
+                  + p['c2']['b'])
+  return jnp.einsum('ni,oi->no', h.mean(axis=(1, 2)), p['fc']['w']) + p['fc']['b']
+
+
+def make(framework: str, w: dict) -> tuple[adapters.Model, tuple[int, ...], str]:
+  """(model, input shape, input layout) of the network in ``framework`` holding the weights ``w``."""
+  if framework == 'linen':
+    variables = {'params': {'conv1': {'kernel': w['k1'], 'bias': w['b1']}, 'conv2': {'kernel': w['k2'],
+                 'bias': w['b2']}, 'head': {'kernel': w['w'], 'bias': w['b']}}}
+    return adapters.linen(LinenNet(), jax.tree.map(jnp.asarray, variables)), (1, HW, HW, CIN), 'NHWC'
+  if framework == 'nnx':
+    net = NNXNet(nnx.Rngs(0))
+    for layer, k, b in ((net.conv1, 'k1', 'b1'), (net.conv2, 'k2', 'b2'), (net.head, 'w', 'b')):
+      layer.kernel[...], layer.bias[...] = jnp.asarray(w[k]), jnp.asarray(w[b])
+    return adapters.nnx(net), (1, HW, HW, CIN), 'NHWC'
+  if framework == 'equinox':
+    net = EqxNet(jax.random.key(0))
+    oihw = lambda k: jnp.asarray(k.transpose(3, 2, 0, 1))
+    net = eqx.tree_at(lambda m: (m.conv1.weight, m.conv1.bias, m.conv2.weight, m.conv2.bias, m.head.weight,
+                                 m.head.bias), net,
+                      (oihw(w['k1']), jnp.asarray(w['b1'])[:, None, None], oihw(w['k2']),
+                       jnp.asarray(w['b2'])[:, None, None], jnp.asarray(w['w'].T), jnp.asarray(w['b'])))
+    return adapters.equinox(net), (1, CIN, HW, HW), 'NCHW'
+  params = {'c1': {'w': w['k1'].transpose(3, 2, 0, 1), 'b': w['b1']},
+            'c2': {'w': w['k2'].transpose(3, 2, 0, 1), 'b': w['b2']}, 'fc': {'w': w['w'].T, 'b': w['b']}}
+  return adapters.Model(plain_apply, jax.tree.map(jnp.asarray, params)), (1, HW, HW, CIN), 'NHWC'
+
+
+FRAMEWORKS = ('linen', 'nnx', 'equinox', 'plain')
+
+
+def _by_path(tree) -> dict:
+  return {tuple(key_name(k) for k in p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _get(tree, path):
+  """A leaf by its key path (dict keys, attributes, NNX State keys)."""
+  return _by_path(tree)[path]
+
+
+# ------------------------------------------------------------------------------------------------ per framework
+
+
+_EXPECTED = [('conv', (1, 1), (HW, HW)), ('conv', (2, 2), (HW, HW)), ('dense', None, None)]
+
+
+@pytest.mark.parametrize('framework', FRAMEWORKS)
+def test_every_layer_matches_its_oracle(framework):
+  w = _weights()
+  model, shape, layout = make(framework, w)
+  specs = spectral.layer_specs(*model, shape)
+  assert [(s.kind, s.stride, s.input_hw) for s in specs] == _EXPECTED
+  records = spectral.layer_singular_values(*model, shape, specs=specs)
+  conv_dn = {'linen': ('NHWC', 'HWIO', 'NHWC'), 'nnx': ('NHWC', 'HWIO', 'NHWC'),
+             'equinox': ('NCHW', 'OIHW', 'NCHW'), 'plain': _PLAIN_DN}[framework]
+  for spec, rec in zip(specs, records):
+    own = np.asarray(_get(model.params, spec.path))  # the weight in the framework's own layout
+    if spec.kind == 'dense':
+      assert_spectrum(rec.singular_values, np.linalg.svd(own.reshape(own.shape[0], -1), compute_uv=False))
+    else:
+      if framework == 'equinox':  # Equinox's vmap gives the conv an NCHW batch of its CHW examples
+        assert spec.layout == 'NCHW/OIHW'
+      expected = conv_oracle_svs(own, conv_dn, spec.input_hw, spec.stride)
+      assert_spectrum(rec.singular_values, expected)
+
+
+def test_the_same_weights_give_the_same_spectra_and_clipped_weights_in_every_framework():
+  w = _weights(1)
+  spectra, clipped = {}, {}
+  for framework in FRAMEWORKS:
+    model, shape, _ = make(framework, w)
+    specs = spectral.layer_specs(*model, shape)
+    spectra[framework] = [r.singular_values for r in spectral.layer_singular_values(*model, shape, specs=specs)]
+    new = spectral.clip_params(model.params, specs, 0.5, rounds=3)
+    clipped[framework] = [np.asarray(k) for k in spectral.layer_kernels(new, specs)]  # canonical layouts
+  for framework in FRAMEWORKS[1:]:
+    for a, b in zip(spectra['linen'], spectra[framework]):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=framework)
+    for a, b in zip(clipped['linen'], clipped[framework]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=framework)
+
+
+@pytest.mark.parametrize('framework', FRAMEWORKS)
+def test_clipping_hands_back_the_users_own_structure(framework):
+  w = _weights(2)
+  model, shape, _ = make(framework, w)
+  specs = spectral.layer_specs(*model, shape)
+  c = 0.5
+  clipped = spectral.clip_params(model.params, specs, c, rounds=20)
+  assert type(clipped) is type(model.params)
+  assert jax.tree.structure(clipped) == jax.tree.structure(model.params)
+  own = model.rebuild(clipped)
+  if framework == 'nnx':
+    assert isinstance(own, NNXNet)
+  elif framework == 'equinox':
+    assert isinstance(own, EqxNet) and own.conv1.padding == model.rebuild(model.params).conv1.padding
+  # the rebuilt object carries the clipped weights: its spectra are under c (convs within the rounds' tolerance)
+  again = make_from_own(framework, own, model)
+  for rec in spectral.layer_singular_values(*again, shape):
+    assert rec.singular_values.max() <= c * (1.0 + (1e-4 if rec.kind == 'dense' else 0.03)), rec.name
+  # biases come back untouched
+  leaves, originals = _by_path(clipped), _by_path(model.params)
+  kernels = {s.path for s in specs}
+  for path, leaf in leaves.items():
+    if path not in kernels:
+      np.testing.assert_array_equal(leaf, originals[path])
+
+
+def make_from_own(framework, own, model):
+  if framework == 'nnx':
+    return adapters.nnx(own)
+  if framework == 'equinox':
+    return adapters.equinox(own)
+  if framework == 'linen':
+    return adapters.Model(model.apply_fn, own)
+  return adapters.Model(plain_apply, own)
+
+
+def test_nnx_update_writes_clipped_weights_into_the_model():
+  net = NNXNet(nnx.Rngs(3))
+  model = adapters.nnx(net)
+  specs = spectral.layer_specs(*model, (1, HW, HW, CIN))
+  nnx.update(net, spectral.clip_params(model.params, specs, 0.1))
+  top = np.linalg.svd(np.asarray(net.head.kernel[...]), compute_uv=False)[0]
+  assert top <= 0.1 * (1 + 1e-4)

@@ -33,6 +33,33 @@ import jax
 PyTree = Any
 
 
+def framework_of(obj: Any) -> str | None:
+  """``'linen'``, ``'nnx'`` or ``'equinox'`` when ``obj`` is a module of that framework (without importing any)."""
+  for cls in type(obj).__mro__:
+    mod = getattr(cls, '__module__', '') or ''
+    if mod.startswith('flax.linen'):
+      return 'linen'
+    if mod.startswith('flax.nnx'):
+      return 'nnx'
+    if mod.startswith('equinox'):
+      return 'equinox'
+  return None
+
+
+def not_an_apply_fn(obj: Any, name: str = 'apply_fn') -> str | None:
+  """Why ``obj`` cannot serve as ``apply_fn(params, x)`` (with the fix), or None when it can."""
+  framework = framework_of(obj)
+  if framework is not None:
+    args = 'module, variables' if framework == 'linen' else 'model'
+    return (f'{name} is a {framework} module, not an apply function: pass the model through '
+            f'arreg_jax.adapters.{framework}({args}) and unpack it, e.g. f(*adapters.{framework}({args}), ...)')
+  if isinstance(obj, tuple) and hasattr(obj, 'apply_fn'):
+    return f'{name} is an adapters.Model: unpack it (*model) or pass model.apply_fn, model.params'
+  if not callable(obj):
+    return f'{name} must be a callable apply_fn(params, x) -> logits, got {type(obj).__name__}'
+  return None
+
+
 class _Apply:
   """``apply_fn(params, x)`` that also knows how to rebuild the user's object from ``params``."""
 

@@ -253,3 +253,73 @@ def test_kernels_on_a_four_device_mesh():
   r = subprocess.run([sys.executable, '-c', _SHARDED], cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=180)
   assert r.returncode == 0 and 'OK' in r.stdout, r.stderr[-3000:]
+
+
+# --- the user-facing analyses: inputs checked at the door, any model
+
+
+def test_bad_inputs_get_an_error_naming_the_argument(tiny):
+  module, variables, images, labels = tiny
+  apply_fn = lambda v, x: module.apply(v, x)
+  x = jnp.asarray(images, jnp.float32) / 255
+  cases = [
+      (dict(images=images), TypeError, r'images must be floating point .* images / 255'),
+      (dict(images=x * 255), ValueError, r'images must lie in \[0, 1\]'),
+      (dict(images=x.at[0, 0, 0, 0].set(jnp.nan)), ValueError, r'images must lie in \[0, 1\]'),
+      (dict(images=x[0]), ValueError, 'images must have 4 dimensions'),
+      (dict(images=x[:0], labels=labels[:0]), ValueError, 'images holds no examples'),
+      (dict(labels=labels.astype(np.float32)), TypeError, 'labels must be integer'),
+      (dict(labels=labels[:, None]), ValueError, r'labels must have shape \(batch,\)'),
+      (dict(labels=labels[:-1]), ValueError, 'labels has 36 entries but images has 37'),
+      (dict(labels=np.where(labels == labels[0], 10, labels)), ValueError, r'labels must lie in \[0, 10\)'),
+      (dict(apply_fn=module), TypeError, r'apply_fn is a linen module.*adapters\.linen\(module, variables\)'),
+      (dict(apply_fn='f'), TypeError, 'apply_fn must be a callable'),
+      (dict(apply_fn=lambda v, xx: module.apply(v, xx)[:, :1]), ValueError, 'at least 2 classes'),
+      (dict(apply_fn=lambda v, xx: module.apply(v, xx)[0]), ValueError, r'logits of shape \(batch, classes\)'),
+  ]
+  for change, error, match in cases:
+    kw = dict(apply_fn=apply_fn, params=variables, images=x, labels=labels) | change
+    with pytest.raises(error, match=match):
+      margins.confidence(kw['apply_fn'], kw['params'], kw['images'], kw['labels'])
+  with pytest.raises(ValueError, match='eps must be'):
+    smoothness.loss_variation(apply_fn, variables, x, labels, eps=(-0.1,))
+  with pytest.raises(ValueError, match='refine must be'):
+    decision_boundary.boundary_distances(apply_fn, variables, x, refine=0)
+  with pytest.raises(TypeError, match='images must be floating point'):
+    generalization_bound.bound_terms(apply_fn, variables, images, labels, eps=0.1)
+
+
+def test_layer_statistics_and_b2_comparison_of_a_plain_function():
+  rng = np.random.default_rng(7)
+  params_a = {'w1': jnp.asarray(rng.normal(size=(12, 8)), jnp.float32), 'w2': jnp.asarray(rng.normal(size=(8, 3)),
+                                                                                               jnp.float32)}
+  params_b = jax.tree.map(lambda w: w * jnp.asarray([[0.5]]), params_a)
+  apply_fn = lambda p, x: jnp.tanh(x.reshape(len(x), -1) @ p['w1']) @ p['w2']  # no `train` argument, no module
+  rows = singular_values.layer_statistics(apply_fn, params_a, (2, 3, 2))
+  assert [(r['name'], r['kind'], r['kernel_shape']) for r in rows] == [('w1', 'dense', [12, 8]),
+                                                                       ('w2', 'dense', [8, 3])]
+  np.testing.assert_allclose(rows[0]['std'], np.linalg.svd(np.asarray(params_a['w1']), compute_uv=False).std(),
+                             rtol=1e-5)
+  cmp = singular_values.compare_layers(apply_fn, params_a, params_b, (2, 3, 2))
+  assert cmp['layers'] == ['w1', 'w2'] and cmp['decrease_count'] == 2 and cmp['increase_count'] == 0
+  np.testing.assert_allclose(cmp['std_b'], [0.5 * s for s in cmp['std_a']], rtol=1e-5)
+
+
+def test_bound_terms_in_one_call_equal_their_parts(tiny):
+  module, variables, images, labels = tiny
+  apply_fn = lambda v, x: module.apply(v, x)
+  x = jnp.asarray(images, jnp.float32) / 255
+  terms = generalization_bound.bound_terms(apply_fn, variables, x, labels, eps=0.2, refine=4, rounds=6, steps=4)
+  kernels = [np.asarray(variables['params'][n]['kernel']) for n in ('Dense_0', 'Dense_1')]
+  assert terms['layers'] == ['params/Dense_0', 'params/Dense_1']
+  np.testing.assert_allclose(terms['sigma_mins'], [np.linalg.svd(kernels[0], compute_uv=False).min()], rtol=1e-5)
+  cols = kernels[1].T
+  w_dist = min(np.linalg.norm(cols[i] - cols[j]) for i in range(10) for j in range(10) if i != j)
+  np.testing.assert_allclose(terms['w_distance'], w_dist, rtol=1e-5)
+  v = decision_boundary.boundary_distances(apply_fn, variables, x, refine=4, rounds=6, steps=4)['v_min']
+  assert terms['v_min'] == v
+  gamma = float(np.median(margins.confidence(apply_fn, variables, x, labels)['margin']))
+  np.testing.assert_allclose(terms['gamma'], max(gamma, 1e-6), rtol=1e-6)
+  log_u = generalization_bound.log_u_min(w_dist, terms['sigma_mins'], v)
+  np.testing.assert_allclose(terms['log_u_min'], log_u, rtol=1e-5)
+  assert terms['m'] == 37 and terms['gamma_source'] == 'median margin of images'

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from arreg_jax import adapters, spectral
+from arreg_jax import adapters, analysis, spectral
 from arreg_jax.spectral.layer import key_name
 from oracles import assert_spectrum, conv_oracle_svs
 
@@ -208,3 +208,37 @@ def test_nnx_update_writes_clipped_weights_into_the_model():
   nnx.update(net, spectral.clip_params(model.params, specs, 0.1))
   top = np.linalg.svd(np.asarray(net.head.kernel[...]), compute_uv=False)[0]
   assert top <= 0.1 * (1 + 1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ the analyses
+
+
+def test_the_same_weights_give_the_same_analyses_in_every_framework():
+  rng = np.random.default_rng(5)
+  images = rng.uniform(size=(16, HW, HW, CIN)).astype(np.float32)
+  labels = rng.integers(0, CLASSES, 16)
+  w = _weights(3)
+  results = {}
+  for framework in FRAMEWORKS:
+    model, _, layout = make(framework, w)
+    x = images.transpose(0, 3, 1, 2) if layout == 'NCHW' else images
+    conf = analysis.confidence(*model, x, labels, batch_size=8)
+    lv = analysis.loss_variation(*model, x, labels, eps=(0.05,), steps=3, batch_size=8)[0.05]
+    terms = analysis.bound_terms(*model, x, labels, eps=0.1, refine=4, rounds=8, steps=5, batch_size=8)
+    results[framework] = (conf, lv, terms)
+  conf, lv, terms = results['linen']
+  # the class vectors are the columns of the Flax (in, out) kernel, whatever the framework stores
+  cols = w['w'].T
+  want = min(np.linalg.norm(cols[i] - cols[j]) for i in range(CLASSES) for j in range(CLASSES) if i != j)
+  np.testing.assert_allclose(terms['w_distance'], want, rtol=1e-5)
+  assert terms['layers'] == ['params/conv1', 'params/conv2', 'params/head'] and len(terms['sigma_mins']) == 2
+  assert np.isfinite(terms['v_min']) and terms['v_min'] > 0
+  for framework in FRAMEWORKS[1:]:
+    c, l, t = results[framework]
+    for key in ('margin', 'prob', 'loss'):
+      np.testing.assert_allclose(c[key], conf[key], rtol=1e-5, atol=1e-5, err_msg=f'{framework} {key}')
+    np.testing.assert_array_equal(c['pred'], conf['pred'])
+    np.testing.assert_allclose(l, lv, rtol=1e-4, atol=1e-5, err_msg=framework)
+    for key in ('w_distance', 'log_prod_sigma_min', 'v_min', 'log_u_min', 'gamma', 'margin_term', 'bound'):
+      np.testing.assert_allclose(t[key], terms[key], rtol=1e-4, err_msg=f'{framework} {key}')
+    np.testing.assert_allclose(t['sigma_mins'], terms['sigma_mins'], rtol=1e-5, err_msg=framework)

@@ -236,7 +236,7 @@ def test_models_and_params_of_the_wrong_kind_get_the_fix():
   with pytest.raises(TypeError, match='not an array at activation'):
     spectral.layer_specs(lambda p, x: jax.vmap(p)(x), mlp, (1, 3))
   model = adapters.equinox(mlp)
-  with pytest.raises(TypeError, match='unpacked'):
+  with pytest.raises(TypeError, match='unpack it'):
     spectral.layer_specs(model, model.params, (1, 3))
   assert [s.kernel_shape for s in spectral.layer_specs(*model, (1, 3))] == [(3, 4), (4, 2)]
   with pytest.raises(ValueError, match='input_shape'):

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arreg_jax import adapters
+
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
@@ -35,10 +37,12 @@ def check_images(images: Any, *, name: str = 'images', rank: int = 4, limit: int
   if images.shape[0] == 0:
     raise ValueError(f'{name} holds no examples')
   part = _limited(images, limit)
-  lo, hi = float(jnp.min(part)), float(jnp.max(part))
-  if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
-    raise ValueError(f'{name} must lie in [0, 1] (the attacks\' and analyses\' image domain), got values in '
-                     f'[{lo}, {hi}]; rescale them (e.g. / 255) and fold any normalization into the model')
+  xp = np if isinstance(part, np.ndarray) else jnp
+  lo, hi, finite = float(xp.min(part)), float(xp.max(part)), bool(xp.all(xp.isfinite(part)))
+  if not (finite and lo >= 0.0 and hi <= 1.0):
+    found = f'values in [{lo}, {hi}]' if finite else 'NaN or infinite values'
+    raise ValueError(f'{name} must lie in [0, 1] (the attacks\' and analyses\' image domain), got {found}; '
+                     'rescale them (e.g. / 255) and fold any normalization into the model')
 
 
 def check_labels(labels: Any, n: int, classes: int | None = None, *, name: str = 'labels') -> np.ndarray:
@@ -62,9 +66,9 @@ def check_labels(labels: Any, n: int, classes: int | None = None, *, name: str =
 def num_classes(apply_fn: ApplyFn, params: Any, images: Any,
                 preprocess: Callable[[jax.Array], jax.Array] | None = None) -> int:
   """The number of classes of ``apply_fn`` on one example of ``images`` (traced, not run)."""
-  if not callable(apply_fn):
-    raise TypeError(f'apply_fn must be a callable apply_fn(params, x) -> logits, got {type(apply_fn).__name__}'
-                    ' (an adapters.Model: pass model.apply_fn, model.params)')
+  problem = adapters.not_an_apply_fn(apply_fn)
+  if problem:
+    raise TypeError(problem)
   one = jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)
   prep = preprocess or (lambda x: x)
   logits = jax.eval_shape(lambda p, x: apply_fn(p, prep(x)), params, one)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arreg_jax import adapters
 from arreg_jax.spectral.layer import LayerSpec, Path, leaf_paths
 from arreg_jax.spectral.weight_flow import DATA, Val, Walker
 
@@ -48,16 +49,6 @@ PyTree = Any
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _foreign_module(obj: Any) -> str | None:
-  for cls in type(obj).__mro__:
-    mod = getattr(cls, '__module__', '') or ''
-    if mod.startswith('flax.nnx'):
-      return 'nnx'
-    if mod.startswith('equinox'):
-      return 'equinox'
-  return None
-
-
 def as_apply(model: Any, params: Any, apply_kwargs: Mapping[str, Any]) -> tuple[Callable[..., Any], PyTree]:
   """``(apply_fn(p, x), traced params)`` for a linen module with its variables, or an ``apply_fn(params, x)``."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top  (flax is only needed for a linen module)
@@ -67,15 +58,9 @@ def as_apply(model: Any, params: Any, apply_kwargs: Mapping[str, Any]) -> tuple[
                       f'{type(params).__name__}')
     variables = params
     return (lambda p, x: model.apply({**variables, 'params': p}, x, **apply_kwargs)), variables['params']
-  foreign = _foreign_module(model)
-  if foreign:
-    raise TypeError(f'an {foreign} module is not an apply function: pass arreg_jax.adapters.{foreign}(model) '
-                    f'unpacked, e.g. spectral.layer_singular_values(*adapters.{foreign}(model), input_shape)')
-  if isinstance(model, tuple) and hasattr(model, 'apply_fn'):
-    raise TypeError('apply_fn is an adapters.Model: pass it unpacked, *model, or model.apply_fn and model.params')
-  if not callable(model):
-    raise TypeError(f'apply_fn must be a callable apply_fn(params, x) -> logits or a linen Module; got '
-                    f'{type(model).__name__}')
+  problem = adapters.not_an_apply_fn(model, 'model')
+  if problem:
+    raise TypeError(problem)
   return (lambda p, x: model(p, x, **apply_kwargs)), params
 
 

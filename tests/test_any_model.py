@@ -10,6 +10,11 @@ and clip to the same weights; clipping must hand back the framework's own parame
 
 from __future__ import annotations
 
+import pathlib
+import re
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -242,3 +247,47 @@ def test_the_same_weights_give_the_same_analyses_in_every_framework():
     for key in ('w_distance', 'log_prod_sigma_min', 'v_min', 'log_u_min', 'gamma', 'margin_term', 'bound'):
       np.testing.assert_allclose(t[key], terms[key], rtol=1e-4, err_msg=f'{framework} {key}')
     np.testing.assert_allclose(t['sigma_mins'], terms['sigma_mins'], rtol=1e-5, err_msg=framework)
+
+
+# ------------------------------------------------------------------------------------------------ the package
+
+
+def _readme_blocks(section: str) -> list[str]:
+  text = (pathlib.Path(__file__).resolve().parent.parent / 'README.md').read_text()
+  body = text.split(f'## {section}\n', 1)[1].split('\n## ', 1)[0]
+  return re.findall(r'```python\n(.*?)```', body, flags=re.S)
+
+
+def test_the_readme_your_own_model_snippets_run():
+  blocks = _readme_blocks('Your own model')
+  assert len(blocks) == 3 and 'adapters.linen' in blocks[0] and 'adapters.nnx' in blocks[1]
+  assert 'adapters.equinox' in blocks[2]
+  namespace: dict = {}
+  for block in blocks:
+    exec(compile(block, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
+  assert isinstance(namespace['variables'], dict) and 'params' in namespace['variables']
+  assert type(namespace['net']).__name__ == 'EqxCNN'
+  assert np.isfinite(namespace['terms']['bound'])
+
+
+_IMPORT = r'''
+import sys, time
+t = time.perf_counter()
+import arreg_jax
+took = time.perf_counter() - t
+assert 'jax' not in sys.modules and 'flax' not in sys.modules, 'import arreg_jax must load nothing heavy'
+assert arreg_jax.__version__ and arreg_jax.__version__ != '0+unknown', arreg_jax.__version__
+assert callable(arreg_jax.analysis.margins.per_example) and callable(arreg_jax.analysis.confidence)
+assert callable(arreg_jax.attacks.pgd) and callable(arreg_jax.spectral.layer_specs)
+assert arreg_jax.adapters.Model._fields == ('apply_fn', 'params')
+assert {'adapters', 'analysis', 'attacks', 'spectral', '__version__'} <= set(dir(arreg_jax))
+import importlib.resources
+assert importlib.resources.files('arreg_jax').joinpath('py.typed').is_file()
+print('OK', took)
+'''
+
+
+def test_import_arreg_jax_is_light_and_discoverable():
+  r = subprocess.run([sys.executable, '-c', _IMPORT], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0 and r.stdout.startswith('OK'), r.stderr[-3000:]
+  assert float(r.stdout.split()[1]) < 0.05  # seconds

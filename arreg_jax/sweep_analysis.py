@@ -1,4 +1,4 @@
-"""Analysing the trained members of a sweep: ``analysis.json`` (+ ``per_example.npz``) in every run directory.
+"""Analyzing the trained members of a sweep: ``analysis.json`` (+ ``per_example.npz``) in every run directory.
 
 The kernels are in :mod:`arreg_jax.analysis`; this module runs them over a sweep directory. For one run
 (:func:`analyze_run`), with the settings of its config's ``analysis`` block (validated by
@@ -21,7 +21,7 @@ this module gives them the run's model in inference mode and its uint8 datasets 
 
 :func:`analyze_sweep` does this for every finished member of a sweep directory (the report is written after it,
 by :mod:`arreg_jax.report.builder`). Analysis files are rewritten atomically. With ``reuse=True`` a run whose
-``analysis.json`` was made from the same checkpoint with the same settings is not analysed again.
+``analysis.json`` was made from the same checkpoint with the same settings is not analyzed again.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def _bound_terms(variables, specs, layers: list[dict], v_min: float, train_margi
 
 
 def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
-  """Analyses one finished run; writes ``analysis.json`` and ``per_example.npz`` into it and returns the former."""
+  """Analyzes one finished run; writes ``analysis.json`` and ``per_example.npz`` into it and returns the former."""
   t_start = time.time()
   mesh = mesh or sharding.make_mesh()
   config, raw_cfg = restore.run_config(run_dir)
@@ -202,7 +202,7 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
       logging.info('%s: analysis.json is up to date', run_dir)
       return old
   config, module, variables, ds, epoch = restore.restore_run(run_dir)
-  variables = models.fold_spectral_norm(variables)  # SN models: analyse the kernels the forward pass applies
+  variables = models.fold_spectral_norm(variables)  # SN models: analyze the kernels the forward pass applies
   strength = float(raw_cfg['strength'])
   timing = {'restore_s': time.time() - t_start}
 
@@ -279,7 +279,7 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
 
 
 def analyze_sweep(workdir: str, *, reuse: bool = False, mesh=None) -> dict:
-  """Analyses every finished run of ``workdir``; returns ``{'runs': [names analysed], 'analysis_s'}``.
+  """Analyzes every finished run of ``workdir``; returns ``{'runs': [names analyzed], 'analysis_s'}``.
 
   Unfinished runs are skipped (the report lists them).
   """
@@ -292,7 +292,7 @@ def analyze_sweep(workdir: str, *, reuse: bool = False, mesh=None) -> dict:
   done = []
   for run in runs:
     if not run.finished:
-      logging.info('%s: not finished, not analysed', run.path)
+      logging.info('%s: not finished, not analyzed', run.path)
       continue
     t = time.time()
     analyze_run(run.path, mesh=mesh, reuse=reuse)

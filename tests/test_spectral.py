@@ -280,7 +280,7 @@ def test_non_divisible_input_is_flagged_inexact():
   variables = _random_variables(Odd(), (1, 7, 7, 2))
   (record,) = spectral.layer_singular_values(Odd(), variables, (1, 7, 7, 2))
   assert not record.exact and record.input_hw == (7, 7)
-  assert record.singular_values.size == 4 * 4 * 2  # analysed on 8×8
+  assert record.singular_values.size == 4 * 4 * 2  # analyzed on 8×8
 
 
 def test_clip_params_batched_equals_per_layer(tiny):

@@ -7,7 +7,7 @@ any adversarial example ``x'`` (a point classified differently from ``x``) certi
 
 **Estimator used here: per-example bisection on the radius of an L2 PGD attack, then a line search.**
 
-1. *Screening* (cheap, all analysed training examples): the first-order (linearized, DeepFool-style one-step)
+1. *Screening* (cheap, all analyzed training examples): the first-order (linearized, DeepFool-style one-step)
    distance to the boundary between the predicted class ``ŷ`` and the runner-up,
    ``d̂(x) = M(f(x), ŷ) / ‖∇ₓ M(f(x), ŷ)‖₂`` — one forward-backward pass per example.
 2. *Refinement* (the ``k`` examples with the smallest ``d̂``): bisection on the radius ``r`` in ``[0, r_max]``; at

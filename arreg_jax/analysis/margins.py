@@ -72,7 +72,7 @@ def confidence(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, ima
     labels: int ``(N,)`` in ``[0, K)``.
     batch_size: examples per compiled call (rounded to the mesh's device count; the last batch is padded).
     mesh: the devices to shard batches over (default: every device, ``sharding.make_mesh()``).
-    limit: analyse only the first ``limit`` examples.
+    limit: analyze only the first ``limit`` examples.
     preprocess: a jittable function applied to each batch of ``images`` inside the program before ``apply_fn``
       (e.g. uint8 → float); ``images`` are then checked after it for shape and dtype only.
 

@@ -12,7 +12,7 @@ computed from ``x``) with a weight (anything computed from ``params`` alone) is 
 * a ``dot_general``'s weight may be either operand with any axes contracted: ``(in, out)`` and ``(out, in)``
   weights are both read right, ``DenseGeneral``-style kernels with several input or output axes as the matrix
   (contracted axes) × (other axes);
-* a convolution with input dilation is a **transposed convolution**; it is analysed exactly, as the adjoint of a
+* a convolution with input dilation is a **transposed convolution**; it is analyzed exactly, as the adjoint of a
   stride-``s`` convolution (kind ``'conv_transpose'``), never as a forward convolution;
 * a weight is followed through casts, reshapes, transposes, reversals and static slices (these are recorded and
   inverted to write a clipped kernel back, :mod:`arreg_jax.spectral.layer`). Through anything else — spectral
@@ -92,7 +92,7 @@ def layer_specs(model: Any, params: PyTree, input_shape: Sequence[int], *, dtype
   Raises:
     TypeError: ``model`` is not callable, ``params`` holds a non-array leaf.
     ValueError: ``input_shape`` is not a sequence of positive ints, or the program has no layer of ``params``.
-    NotImplementedError: a layer the spectral functions cannot analyse exactly (see the module docstring).
+    NotImplementedError: a layer the spectral functions cannot analyze exactly (see the module docstring).
   """
   apply_fn, traced = as_apply(model, params, apply_kwargs)
   shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
@@ -108,7 +108,7 @@ def layer_specs(model: Any, params: PyTree, input_shape: Sequence[int], *, dtype
   walker.walk(closed.jaxpr, closed.consts, in_vals)
   if walker.constant_ops:
     warnings.warn(f'{len(walker.constant_ops)} linear operator(s) of the program have a constant weight (not a leaf '
-                  f'of params) and are not analysed: {"; ".join(walker.constant_ops[:3])}', stacklevel=2)
+                  f'of params) and are not analyzed: {"; ".join(walker.constant_ops[:3])}', stacklevel=2)
   if not walker.specs:
     raise ValueError('no convolution or matrix product of the input with a leaf of params was found in the '
                      f'program of the model on inputs of shape {shape}; the weights must be leaves of params '

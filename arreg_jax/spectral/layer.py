@@ -13,7 +13,7 @@ function of :mod:`arreg_jax.spectral.conv` takes —
 
 Because every operation of the chain is invertible, a clipped canonical kernel is written back into the leaf in the
 user's own layout (:func:`write_kernel`). A weight that reaches its operator through anything else (spectral
-normalization's division by σ, a product with another parameter, …) is still analysed exactly: its canonical kernel
+normalization's division by σ, a product with another parameter, …) is still analyzed exactly: its canonical kernel
 is recomputed from ``params`` by replaying that part of the program (:class:`Recipe`), but such a layer cannot be
 clipped in ``params`` and :func:`arreg_jax.spectral.clip_params` refuses it by name.
 """
@@ -86,7 +86,7 @@ class LayerSpec:
     path: key path of the weight leaf in ``params`` (for a linen module and its variables: inside
       ``variables['params']``, e.g. ``('conv1', 'kernel')``).
     kind: ``'conv'`` (a 2-D convolution; 1-D ones are 2-D with height 1), ``'conv_transpose'`` (a convolution with
-      input dilation, analysed exactly as the adjoint of a stride-``s`` convolution) or ``'dense'``.
+      input dilation, analyzed exactly as the adjoint of a stride-``s`` convolution) or ``'dense'``.
     kernel_shape: shape of the canonical kernel: HWIO ``(kh, kw, cin_per_group, cout)`` for convs (for
       ``conv_transpose``: of the adjoint conv, ``(kh, kw, cout, cin)``), ``(in, out)`` for dense layers.
     stride: the conv's stride ``(s_h, s_w)`` (for ``conv_transpose``: its upsampling factor); None for dense layers.
@@ -124,7 +124,7 @@ class LayerSpec:
 
   @property
   def operator_hw(self) -> IntPair | None:
-    """Input size of the circular convolution analysed: ``input_hw`` rounded up to a multiple of the stride; for a
+    """Input size of the circular convolution analyzed: ``input_hw`` rounded up to a multiple of the stride; for a
     transposed conv, the size of its output (``s·input_hw``), the input of its adjoint."""
     if self.kind == 'dense':
       return None

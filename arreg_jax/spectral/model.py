@@ -46,7 +46,7 @@ def _group_specs(specs: Sequence[LayerSpec]) -> dict[tuple[Any, ...], list[int]]
   """Indices of specs that share (kind, kernel shape, operator size, stride, groups): one vmapped computation each."""
   groups: dict[tuple[Any, ...], list[int]] = collections.OrderedDict()
   for i, spec in enumerate(specs):
-    kind = 'dense' if spec.kind == 'dense' else 'conv'  # a transposed conv is analysed as its adjoint conv
+    kind = 'dense' if spec.kind == 'dense' else 'conv'  # a transposed conv is analyzed as its adjoint conv
     groups.setdefault((kind, spec.kernel_shape, spec.operator_hw, spec.stride, spec.groups), []).append(i)
   return groups
 
@@ -143,7 +143,7 @@ def layer_singular_values(model: Any, params: PyTree, input_shape: Sequence[int]
                           specs: Sequence[LayerSpec] | None = None, **apply_kwargs: Any) -> list[LayerSingularValues]:
   """Singular values of every linear layer of a model, in forward order (one compiled call for all layers).
 
-  Convs are analysed at the spatial size they really see, as wrap-around operators (Sedghi et al. 2019), strided
+  Convs are analyzed at the spatial size they really see, as wrap-around operators (Sedghi et al. 2019), strided
   ones exactly by the polyphase decomposition, transposed ones exactly as the adjoint of a strided conv, grouped ones
   as the direct sum of their groups; dense layers as matrices. See :mod:`arreg_jax.spectral.conv` for the
   conventions and :func:`arreg_jax.spectral.layer_specs` for how the layers are found.

@@ -128,7 +128,7 @@ class Walker:
     self.specs: list[LayerSpec] = []
     self._seen: set[tuple[Any, ...]] = set()
     self.constant_ops: list[str] = []
-    self.inside: str | None = None  # a primitive whose layers cannot be analysed (lax.cond branches)
+    self.inside: str | None = None  # a primitive whose layers cannot be analyzed (lax.cond branches)
     self.recording = True
 
   # -- the walk -------------------------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ class Walker:
     if n_sp == 1:  # a 1-D convolution is a 2-D one of height 1
       ops = ops + (('reshape', (k[0], cin, cout), (1, k[0], cin, cout)),)
       k, hw, step = [1, k[0]], [1, hw[0]], (1, step[0])
-    if transposed:  # analysed as its adjoint: the stride-s conv with the flipped, in/out-swapped kernel
+    if transposed:  # analyzed as its adjoint: the stride-s conv with the flipped, in/out-swapped kernel
       ops = ops + (('rev', (0, 1)), ('transpose', (0, 1, 3, 2)))
       cin, cout = cout, cin
     layout = (f'{_letters(dn.lhs_spec, "NC" + "HW"[-n_sp:])}/{_letters(dn.rhs_spec, "OI" + "HW"[-n_sp:])}'

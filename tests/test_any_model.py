@@ -291,3 +291,21 @@ def test_import_arreg_jax_is_light_and_discoverable():
   r = subprocess.run([sys.executable, '-c', _IMPORT], capture_output=True, text=True, timeout=120)
   assert r.returncode == 0 and r.stdout.startswith('OK'), r.stderr[-3000:]
   assert float(r.stdout.split()[1]) < 0.05  # seconds
+
+
+_LIBRARY = r'''
+import sys
+import arreg_jax.adapters, arreg_jax.attacks, arreg_jax.models, arreg_jax.spectral
+from arreg_jax.analysis import (decision_boundary, distributions, generalization_bound, inputs, margin_tracking,
+                                margins, singular_values, smoothness)
+runner = ('analyze', 'checkpoint', 'cli', 'config_json', 'configuration', 'data', 'distributed', 'epoch_margins',
+          'evaluation', 'host_devices', 'main', 'memory_plan', 'metrics_writer', 'presets', 'programs',
+          'regularizers', 'report', 'restore', 'rundir', 'sweep', 'sweep_analysis', 'train', 'trainer')
+print(sorted(m for m in sys.modules if m.startswith('arreg_jax.') and m.split('.')[1] in runner))
+'''
+
+
+def test_the_library_imports_nothing_of_the_experiment_runner():
+  r = subprocess.run([sys.executable, '-c', _LIBRARY], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.strip() == '[]', r.stdout

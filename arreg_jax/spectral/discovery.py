@@ -102,7 +102,7 @@ def layer_specs(model: Any, params: PyTree, input_shape: Sequence[int], *, dtype
   _check_leaves(paths, leaves)
   x = jax.ShapeDtypeStruct(tuple(int(d) for d in shape), dtype)
   closed = jax.make_jaxpr(apply_fn)(traced, x)
-  walker = Walker({path: int(np.prod(np.shape(leaf))) for path, leaf in zip(paths, leaves)})
+  walker = Walker({path: int(np.prod(getattr(leaf, "shape", ()))) for path, leaf in zip(paths, leaves)})
   n_x = len(closed.jaxpr.invars) - len(paths)
   in_vals = [Val(leaves=frozenset([path]), chain=(path, ())) for path in paths] + [DATA] * n_x
   walker.walk(closed.jaxpr, closed.consts, in_vals)

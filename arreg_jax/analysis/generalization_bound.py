@@ -67,7 +67,13 @@ def _min_class_weight_distance(w_last: jax.Array) -> jax.Array:
 
 
 def log_u_min(w_distance: float, sigma_mins: Sequence[float], v_min: float) -> float:
-  """``log u_min = log min‖w_y − w_ŷ‖ + Σ_{i<L} log σ_min(W_i) + log v_min`` (eq. 5); −inf if a factor is 0."""
+  """``log u_min = log min‖w_y − w_ŷ‖ + Σ_{i<L} log σ_min(W_i) + log v_min`` (eq. 5); −inf if a factor is 0.
+
+  Args:
+    w_distance: ``min_{y≠ŷ} ‖w_y − w_ŷ‖₂`` ≥ 0 of the last layer.
+    sigma_mins: ``σ_min(W_i)`` ≥ 0 of the layers before the last.
+    v_min: the smallest instance-space margin ≥ 0 (+inf when none was found).
+  """
   with np.errstate(divide='ignore'):
     terms = [np.log(float(w_distance)), float(np.sum(np.log(np.asarray(sigma_mins, np.float64)))),
              np.log(float(v_min))]
@@ -77,6 +83,11 @@ def log_u_min(w_distance: float, sigma_mins: Sequence[float], v_min: float) -> f
 def generalization_bound(log_u: float, *, gamma: float, c_x: float, k: float, eps: float, eta: float,
                          m: int) -> dict[str, float]:
   """The right-hand side of eq. (4) for ``u_min = exp(log_u)``.
+
+  Args:
+    log_u: ``log u_min`` (natural log; :func:`log_u_min`).
+    gamma: the ramp loss's margin γ > 0; c_x: C_X > 0; k: the instance space's covering dimension; eps: the cover's
+      radius ε > 0; eta: the confidence 0 < η < 1; m: the number of training examples ≥ 1.
 
   Returns ``margin_term = max{0, 1 − u_min/γ}``, ``log10_covering_term`` (log10 of the square root),
   ``covering_term`` (inf when it overflows a float) and ``bound`` = their sum.

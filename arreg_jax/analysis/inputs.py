@@ -87,9 +87,9 @@ def check_model_inputs(apply_fn: ApplyFn, params: Any, images: Any, labels: Any 
   """All the checks above; returns ``(classes, labels as host int32)``."""
   if preprocess is None:
     check_images(images, limit=limit)
-  elif not hasattr(images, 'shape') or images.ndim < 1 or images.shape[0] == 0:
-    raise ValueError(f'images must be a non-empty batch, got {getattr(images, "shape", type(images).__name__)}')
-  elif preprocess is not None:
+  else:
+    if not hasattr(images, 'shape') or len(images.shape) < 1 or images.shape[0] == 0:
+      raise ValueError(f'images must be a non-empty batch, got {getattr(images, "shape", type(images).__name__)}')
     out = jax.eval_shape(preprocess, jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype))
     if not jnp.issubdtype(out.dtype, jnp.floating) or len(out.shape) != 4:
       raise ValueError(f'preprocess must give float image batches with 4 dimensions, gives {out.dtype} {out.shape}')

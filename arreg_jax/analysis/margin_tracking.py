@@ -64,6 +64,12 @@ def feature_space_margins(features: jax.Array, last_w: jax.Array, last_b: jax.Ar
   so that for a linear model (``Φ(x) = x``) it is exactly the poster's margin ``sign · d(x, bd F_y)``. Positive
   iff ``x`` is classified correctly. A class pair with ``w_y = w_k`` counts as distance 0 (``±0`` logit gap) unless
   its logit gap is nonzero, where it is ``±inf``.
+
+  Args:
+    features: ``Φ(x)``, ``(B, d)``.
+    last_w: the last layer's kernel ``(d, K)`` as applied (Flax layout: ``w_k`` is column k).
+    last_b: its bias ``(K,)`` or None.
+    labels: int ``(B,)`` in ``[0, K)``.
   """
   chex.assert_rank([features, last_w, labels], [2, 2, 1])
   w = last_w.astype(jnp.float32)

@@ -169,7 +169,16 @@ def layer_singular_values(model: Any, params: PyTree, input_shape: Sequence[int]
 
 
 def layer_kernels(params: PyTree, specs: Sequence[LayerSpec]) -> list[jax.Array]:
-  """Each layer's canonical kernel (HWIO conv, ``(in, out)`` dense; :mod:`arreg_jax.spectral.layer`), as applied."""
+  """Each layer's kernel as its operator applies it, in the canonical layout, whatever the model's own.
+
+  Args:
+    params: the params the specs were found in.
+    specs: from :func:`layer_specs`.
+
+  Returns:
+    One array per spec: HWIO ``(kh, kw, cin_per_group, cout)`` for a conv (for a transposed conv: of its adjoint),
+    ``(in, out)`` for a dense layer (so the class vectors of a classifier are its columns).
+  """
   paths, leaves, _ = leaf_paths(params)
   by_path = dict(zip(paths, leaves))
   return [read_kernel(s, by_path) for s in specs]

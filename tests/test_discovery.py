@@ -256,3 +256,26 @@ def test_single_kernel_functions_need_the_layout():
   clipped = np.asarray(spectral.clip_conv_kernel(oihw, 5, 1.0, layout='OIHW', rounds=30))
   assert conv_oracle_matrix(clipped.transpose(2, 3, 1, 0), HWIO, (5, 5)).shape == (75, 75)
   assert conv_oracle_svs(clipped.transpose(2, 3, 1, 0), HWIO, (5, 5)).max() <= 1.03
+
+
+def test_an_nnx_module_wrapped_as_linen_is_read_like_any_linen_module():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.c = nnx.Conv(2, 4, (3, 3), strides=2, rngs=rngs)
+      self.d = nnx.Linear(64, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.d(nnx.relu(self.c(x)).reshape(len(x), -1))
+
+  module = nnx.bridge.ToLinen(Net, skip_rng=False)
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 2)))
+  specs = spectral.layer_specs(module, variables, (1, 8, 8, 2))
+  assert [(s.name, s.kind, s.stride, s.input_hw) for s in specs] == [('c', 'conv', (2, 2), (8, 8)),
+                                                                     ('d', 'dense', None, None)]
+  kernel = np.asarray(variables['params']['c']['kernel'])
+  (conv, _) = spectral.layer_singular_values(module, variables, (1, 8, 8, 2), specs=specs)
+  assert_spectrum(conv.singular_values, conv_oracle_svs(kernel, HWIO, (8, 8), (2, 2)))
+  clipped = spectral.clip_params(variables['params'], specs, 0.5)
+  assert np.linalg.svd(np.asarray(clipped['d']['kernel']), compute_uv=False).max() <= 0.5 * (1 + 1e-5)

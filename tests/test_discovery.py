@@ -279,3 +279,25 @@ def test_an_nnx_module_wrapped_as_linen_is_read_like_any_linen_module():
   assert_spectrum(conv.singular_values, conv_oracle_svs(kernel, HWIO, (8, 8), (2, 2)))
   clipped = spectral.clip_params(variables['params'], specs, 0.5)
   assert np.linalg.svd(np.asarray(clipped['d']['kernel']), compute_uv=False).max() <= 0.5 * (1 + 1e-5)
+
+
+def test_a_layer_that_pads_its_input_itself_applies_to_the_unpadded_size():
+  class Circular(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(3, (3, 3), padding='CIRCULAR', name='c')(x).mean(axis=(1, 2))
+
+  model = _linen(Circular(), (1, 6, 6, 2))
+  (spec,) = spectral.layer_specs(*model, (1, 6, 6, 2))
+  assert spec.input_hw == (6, 6) and spec.layout.endswith('padded before')
+  # with circular padding the layer IS the wrap-around operator: its own Jacobian is the oracle
+  kernel = model.params['params']['c']['kernel']
+  layer = lambda x: nn.Conv(3, (3, 3), padding='CIRCULAR').apply({'params': {'kernel': kernel,
+                                                                  'bias': jnp.zeros(3)}}, x)
+  jac = np.asarray(jax.jacfwd(layer)(jnp.zeros((1, 6, 6, 2))), np.float64).reshape(6 * 6 * 3, 6 * 6 * 2)
+  (rec,) = spectral.layer_singular_values(*model, (1, 6, 6, 2), specs=(spec,))
+  assert_spectrum(rec.singular_values, np.linalg.svd(jac, compute_uv=False))
+  eqx = pytest.importorskip('equinox')
+  conv = eqx.nn.Conv2d(2, 3, 3, padding=1, padding_mode='REFLECT', key=jax.random.key(0))
+  (spec,) = spectral.layer_specs(*adapters.equinox(conv), (1, 2, 6, 6))
+  assert spec.input_hw == (6, 6)

@@ -8,7 +8,9 @@ computed from ``x``) with a weight (anything computed from ``params`` alone) is 
 
 * a convolution's input size, strides, feature groups and **dimension numbers** (NHWC or NCHW, HWIO or OIHW, …) are
   read from the operation itself, never guessed from a framework's conventions; padding does not enter (the spectrum
-  is that of the wrap-around operator, :mod:`arreg_jax.spectral.conv`);
+  is that of the wrap-around operator, :mod:`arreg_jax.spectral.conv`), and a layer that pads its input itself before
+  a 'VALID' convolution (``jnp.pad``: linen's ``padding='CIRCULAR'``, Equinox's ``padding_mode``) is analyzed at the
+  unpadded size it is applied to (for circular padding, exactly the operator the layer applies);
 * a ``dot_general``'s weight may be either operand with any axes contracted: ``(in, out)`` and ``(out, in)``
   weights are both read right, ``DenseGeneral``-style kernels with several input or output axes as the matrix
   (contracted axes) × (other axes);

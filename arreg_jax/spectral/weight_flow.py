@@ -53,6 +53,7 @@ class Val:
   chain: tuple[Path, tuple[Op, ...]] | None = None  # (leaf path, layout ops): a view of one leaf
   node: _Node | None = None              # how to compute it from params (non-data, non-loop values)
   via: str = ''                          # the first primitive that is not a layout operation on the way
+  unpadded: tuple[int, ...] | None = None  # data padded explicitly (jnp.pad, lax.pad): its shape before
 
   def as_node(self) -> _Node | None:
     if self.node is not None or self.chain is None:
@@ -113,6 +114,20 @@ def _layout_op(eqn: Any, in_shape: tuple[int, ...]) -> Op | None | bool:
   return None
 
 
+def _moved_padding(eqn: Any, unpadded: tuple[int, ...]) -> tuple[int, ...] | None:
+  """The pre-padding shape of the output of a cast or of a reshape that only adds or drops unit axes."""
+  name = eqn.primitive.name
+  if name not in _IDENTITY + ('reshape', 'squeeze', 'expand_dims', 'broadcast_in_dim') or len(eqn.invars) != 1:
+    return None
+  in_shape, out_shape = tuple(eqn.invars[0].aval.shape), tuple(eqn.outvars[0].aval.shape)
+  if name in _IDENTITY:
+    return unpadded
+  if [d for d in in_shape if d != 1] != [d for d in out_shape if d != 1]:
+    return None
+  sizes = iter(u for d, u in zip(in_shape, unpadded) if d != 1)
+  return tuple(next(sizes) if d != 1 else 1 for d in out_shape)
+
+
 def _letters(spec: Sequence[int], names: str) -> str:
   out = [''] * len(spec)
   for letter, dim in zip(names, spec):
@@ -156,7 +171,16 @@ class Walker:
       return [Val(data=True, loop=any(v.loop for v in ins))] * n_out
     if name in _CALLS and _CALLS[name] in eqn.params:
       jaxpr, consts = _sub_closed(eqn.params[_CALLS[name]])
-      return self.walk(jaxpr, consts, ins)
+      outs = self.walk(jaxpr, consts, ins)
+      if eqn.params.get('name') == '_pad' and ins[0].data:  # jnp.pad of the input of a layer
+        return [dataclasses.replace(outs[0], unpadded=ins[0].unpadded or tuple(eqn.invars[0].aval.shape))]
+      return outs
+    if ins and ins[0].data and ins[0].unpadded is not None and len(eqn.outvars) == 1:
+      moved = _moved_padding(eqn, ins[0].unpadded)  # unit axes added or dropped around the padded input
+      if moved is not None:
+        return [Val(data=True, loop=any(v.loop for v in ins), unpadded=moved)]
+    if name == 'pad' and ins[0].data and all(interior == 0 for _, _, interior in eqn.params['padding_config']):
+      return [Val(data=True, loop=ins[0].loop, unpadded=ins[0].unpadded or tuple(eqn.invars[0].aval.shape))]
     if not data_in:
       return self.weight_op(eqn, ins)
     if name == 'scan':
@@ -268,7 +292,7 @@ class Walker:
     if not self.recording:
       return
     if eqn.primitive.name == 'conv_general_dilated':
-      spec = self.conv_spec(eqn, side, weight, where)
+      spec = self.conv_spec(eqn, side, weight, where, lhs)
     else:
       spec = self.dense_spec(eqn, side, weight, where)
     key = (spec.path, spec.kind, spec.kernel_shape, spec.stride, spec.input_hw, spec.ops, spec.groups,
@@ -289,7 +313,7 @@ class Walker:
     recipe = Recipe(lambda values, node=node: _evaluate(node, values, {}), leaves, weight.via)
     return main, (), recipe
 
-  def conv_spec(self, eqn: Any, side: int, weight: Val, where: str) -> LayerSpec:
+  def conv_spec(self, eqn: Any, side: int, weight: Val, where: str, ins_lhs: Val) -> LayerSpec:
     p = eqn.params
     if side == 0:
       raise NotImplementedError(f'{where} is the convolution\'s input (lhs), not its kernel')
@@ -312,6 +336,11 @@ class Walker:
                                 f'{groups} feature groups: not supported')
     o_dim, i_dim, *sp = dn.rhs_spec
     hw = [int(lhs_shape[d]) for d in dn.lhs_spec[2:]]
+    padded_before = (ins_lhs.unpadded is not None and len(ins_lhs.unpadded) == len(lhs_shape)
+                     and all(lo == 0 and hi == 0 for lo, hi in p['padding'])
+                     and all(0 < ins_lhs.unpadded[d] <= lhs_shape[d] for d in dn.lhs_spec[2:]))
+    if padded_before:  # the layer pads its input itself (circular, reflect, …): it applies to the unpadded size
+      hw = [int(ins_lhs.unpadded[d]) for d in dn.lhs_spec[2:]]
     path, ops, recipe = self._source(weight)
     ops = _canonical(ops, tuple(rhs_shape), (*sp, i_dim, o_dim))
     k = [int(rhs_shape[d]) for d in sp]
@@ -324,7 +353,7 @@ class Walker:
       ops = ops + (('rev', (0, 1)), ('transpose', (0, 1, 3, 2)))
       cin, cout = cout, cin
     layout = (f'{_letters(dn.lhs_spec, "NC" + "HW"[-n_sp:])}/{_letters(dn.rhs_spec, "OI" + "HW"[-n_sp:])}'
-              + (' transposed' if transposed else ''))
+              + (' transposed' if transposed else '') + (' padded before' if padded_before else ''))
     return LayerSpec(path, 'conv_transpose' if transposed else 'conv', (k[0], k[1], cin, cout),
                      (int(step[0]), int(step[1])), (hw[0], hw[1]), ops, groups, recipe, layout)
 

@@ -63,18 +63,41 @@ def check_labels(labels: Any, n: int, classes: int | None = None, *, name: str =
   return host.astype(np.int32)
 
 
+_LOGITS: dict[Any, Any] = {}  # (model, input, params structure) -> the logits' abstract value
+
+
+def _logits(apply_fn: ApplyFn, params: Any, images: Any, preprocess: Callable[[jax.Array], jax.Array] | None):
+  """The logits' abstract value on one example, traced once per (model, input shape, params structure): the
+  several analyses of a run and the members of a sweep share it."""
+  one = jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)
+  leaves, treedef = jax.tree.flatten(params)
+  key = (apply_fn, preprocess, one.shape, str(one.dtype), treedef,
+         tuple((tuple(getattr(l, 'shape', ())), str(getattr(l, 'dtype', type(l).__name__))) for l in leaves))
+  try:
+    hit = _LOGITS.get(key)
+  except TypeError:  # an unhashable apply_fn or preprocess
+    hit, key = None, None
+  if hit is None:
+    prep = preprocess or (lambda x: x)
+    hit = jax.eval_shape(lambda p, x: apply_fn(p, prep(x)), params, one)
+    if key is not None:
+      if len(_LOGITS) >= 64:
+        _LOGITS.clear()
+      _LOGITS[key] = hit
+  return hit
+
+
 def num_classes(apply_fn: ApplyFn, params: Any, images: Any,
                 preprocess: Callable[[jax.Array], jax.Array] | None = None) -> int:
   """The number of classes of ``apply_fn`` on one example of ``images`` (traced, not run)."""
   problem = adapters.not_an_apply_fn(apply_fn)
   if problem:
     raise TypeError(problem)
-  one = jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)
-  prep = preprocess or (lambda x: x)
-  logits = jax.eval_shape(lambda p, x: apply_fn(p, prep(x)), params, one)
+  logits = _logits(apply_fn, params, images, preprocess)
   if not hasattr(logits, 'shape') or len(logits.shape) != 2 or logits.shape[0] != 1:
     raise ValueError(f'apply_fn must map a batch of images to logits of shape (batch, classes), got '
-                     f'{getattr(logits, "shape", type(logits).__name__)} for one image of shape {one.shape}')
+                     f'{getattr(logits, "shape", type(logits).__name__)} for one image of shape '
+                     f'{(1, *images.shape[1:])}')
   if logits.shape[1] < 2:
     raise ValueError(f'apply_fn gives {logits.shape[1]} logit per example; margins and losses need at least 2 '
                      'classes (a binary model with one logit z: return [0, z])')

@@ -87,7 +87,8 @@ class Model(NamedTuple):
 
   @property
   def logits_fn(self) -> Callable[[jax.Array], jax.Array]:
-    """``x -> apply_fn(params, x)``: the form the attacks take."""
+    """``x -> apply_fn(params, x)``: the form the attacks take (a new function at each access: keep one where a
+    compiled program is cached by the function, e.g. a ``jax.jit`` static argument)."""
     apply_fn, params = self.apply_fn, self.params
     return lambda x: apply_fn(params, x)
 

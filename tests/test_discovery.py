@@ -301,3 +301,26 @@ def test_a_layer_that_pads_its_input_itself_applies_to_the_unpadded_size():
   conv = eqx.nn.Conv2d(2, 3, 3, padding=1, padding_mode='REFLECT', key=jax.random.key(0))
   (spec,) = spectral.layer_specs(*adapters.equinox(conv), (1, 2, 6, 6))
   assert spec.input_hw == (6, 6)
+
+
+def test_layers_inside_nested_programs_are_found():
+  @jax.custom_jvp
+  def scaled(w):  # a weight through a custom_jvp function: a recipe (analyzed as applied)
+    return 2.0 * w
+
+  scaled.defjvp(lambda primals, tangents: (scaled(primals[0]), 2.0 * tangents[0]))
+
+  def apply_fn(p, x):
+    h = jax.checkpoint(lambda z: jnp.tanh(z @ p['w1']))(x)      # remat
+    h = jax.jit(lambda z, w: z @ w.T)(h, p['w2'])                # jit, an (out, in) weight
+    return h @ scaled(p['w3'])
+
+  params = {'w1': jnp.asarray(_rand((4, 5), 1)), 'w2': jnp.asarray(_rand((6, 5), 2)),
+            'w3': jnp.asarray(_rand((6, 3), 3))}
+  specs = spectral.layer_specs(apply_fn, params, (2, 4))
+  assert [(s.name, s.kernel_shape, s.recipe is None) for s in specs] == [('w1', (4, 5), True),
+                                                                         ('w2', (5, 6), True),
+                                                                         ('w3', (6, 3), False)]
+  records = spectral.layer_singular_values(apply_fn, params, (2, 4), specs=specs)
+  for rec, matrix in zip(records, (params['w1'], params['w2'], 2 * params['w3'])):
+    assert_spectrum(rec.singular_values, np.linalg.svd(np.asarray(matrix), compute_uv=False))

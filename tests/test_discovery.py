@@ -127,7 +127,7 @@ def test_a_dilated_conv_is_refused_by_name():
     spectral.layer_specs(*model, (1, 8, 8, 2))
 
 
-def test_spectral_normalization_is_analysed_as_applied_and_not_clipped():
+def test_spectral_normalization_is_analyzed_as_applied_and_not_clipped():
   module = models.get_module('small_cnn_sn', num_classes=10)
   abstract = jax.eval_shape(lambda k, x: module.init(k, x, train=False), jax.random.key(0),
                             jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))

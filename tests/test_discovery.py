@@ -36,7 +36,7 @@ class _Transposed(nn.Module):
     return nn.ConvTranspose(3, (3, 3), strides=(2, 2), name='up')(x).mean(axis=(1, 2))
 
 
-def test_a_transposed_conv_is_analysed_exactly_not_as_a_forward_conv():
+def test_a_transposed_conv_is_analyzed_exactly_not_as_a_forward_conv():
   model = _linen(_Transposed(), (1, 4, 4, 5))
   (spec,) = spectral.layer_specs(*model, (1, 4, 4, 5))
   assert spec.kind == 'conv_transpose' and spec.stride == (2, 2) and spec.input_hw == (4, 4)
@@ -151,7 +151,7 @@ def test_spectral_normalization_is_analyzed_as_applied_and_not_clipped():
     spectral.clip_params(variables['params'], specs, 1.0)
 
 
-def test_a_weight_made_of_two_parameters_is_analysed_as_their_product():
+def test_a_weight_made_of_two_parameters_is_analyzed_as_their_product():
   def apply_fn(p, x):
     return x.reshape(x.shape[0], -1) @ (p['a'] @ p['b'])
 

@@ -27,11 +27,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from arreg_jax import epoch_margins as margin_tracking
 from arreg_jax import checkpoint, config_json, configuration, distributed, evaluation, models, rundir, sharding
 from arreg_jax import train
 from arreg_jax import programs as programs_lib
 from arreg_jax import sweep as sweep_lib
-from arreg_jax.analysis import margin_tracking
 from arreg_jax.data import get_dataset
 from arreg_jax.errors import ConfigError, DivergenceError, OutputError
 from arreg_jax.metrics_writer import MetricsWriter

@@ -15,12 +15,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from arreg_jax import config_json
+from arreg_jax.attacks.robust_accuracy import ATTACK_NAMES
 from arreg_jax.data import DATASETS, SOURCES
 from arreg_jax.errors import ConfigError
 
 ATTACKS = ('pgd', 'fgsm', 'none')
-# arreg_jax.attacks.evaluation.attack_fn's names that a run's robustness evaluation can use.
-ROBUSTNESS_ATTACKS = ('fgsm', 'pgd10', 'pgd100', 'apgd_ce', 'apgd_dlr', 'apgd_t', 'square')
+# The attacks a run's robustness evaluation can use: the registry arreg_jax.attacks.robust_accuracy.ATTACKS
+# ('autoattack' is the authors' standard cascade, also computed whenever one of its stages is listed).
+ROBUSTNESS_ATTACKS = ATTACK_NAMES
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -245,6 +247,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(not bad, f'config.eval.robustness.attacks: unknown attack(s) {bad}; choose from {ROBUSTNESS_ATTACKS}')
   for k in ('examples', 'eps', 'batch_size'):
     need(rb[k] is None or rb[k] > 0, f'config.eval.robustness.{k} must be None or > 0, got {rb[k]}')
+  need(rb.eps is None or rb.eps <= 1, f'config.eval.robustness.eps is an L∞ radius on images in [0, 1] and must be '
+       f'<= 1, got {rb.eps}' + (f' (did you mean {rb.eps:g}/255 = {rb.eps / 255:.6g}?)' if rb.eps else ''))
   for k in ('n_targets', 'square_queries', 'check_examples'):
     need(rb[k] >= 1, f'config.eval.robustness.{k} must be >= 1, got {rb[k]}')
   need(rb.n_targets <= 9, f'config.eval.robustness.n_targets must be <= 9 (AutoAttack), got {rb.n_targets}')

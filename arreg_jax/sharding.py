@@ -114,7 +114,7 @@ def even_batch(n: int, max_batch: int, devices: int = 1) -> int:
 
 def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
                 mesh: jax.Mesh, limit: int | None = None, extra: tuple = (),
-                batch_key: jax.Array | None = None) -> dict[str, np.ndarray]:
+                batch_key: jax.Array | None = None, fixed_batch: bool = False) -> dict[str, np.ndarray]:
   """Applies ``kernel`` to the first ``limit`` examples (all if None) and concatenates its per-example outputs.
 
   Args:
@@ -130,6 +130,8 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
     extra: further (replicated) arguments passed to the kernel after ``mask`` (e.g. a traced ε).
     batch_key: if given, the kernel gets ``key_data(fold_in(batch_key, batch index))`` after ``mask`` (before
       ``extra``; ``jax.random.wrap_key_data`` turns it back into a key).
+    fixed_batch: use ``batch_size`` (rounded to the device count) as it is, instead of the least-padding
+      :func:`even_batch`: for callers that feed splits of varying size to one compiled shape.
 
   Returns:
     ``{name: numpy array with leading axis n}`` with ``n = min(limit, N)``.
@@ -139,7 +141,8 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
   n = n_total if limit is None else min(int(limit), n_total)
   if n == 0:
     raise ValueError('no examples to analyse')
-  batch_size = even_batch(n, batch_size, mesh.size)
+  if not fixed_batch:
+    batch_size = even_batch(n, batch_size, mesh.size)
   rep = replicated(mesh)
   data = batch_sharding(mesh)
   variables = jax.device_put(variables, rep)

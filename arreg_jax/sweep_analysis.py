@@ -30,6 +30,7 @@ import functools
 import math
 import os
 import time
+import types
 from typing import Any
 
 from absl import logging
@@ -241,8 +242,12 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
   robust = None
   if s['robustness'] is not None:
     t = time.time()
-    robust = robustness.evaluate(module, variables, ds.test_images, ds.test_labels, settings=s['robustness'],
-                                 augment_kind=ds.augment, key=jax.random.key(config.seed + 1), mesh=mesh)
+    # The library takes float images in [0, 1]: the test transform of the runner's data, on the examples evaluated.
+    n = min(s['robustness']['examples'] or ds.num_test, ds.num_test)
+    images = np.asarray(augment.preprocess(None, jax.numpy.asarray(ds.test_images[:n]), kind=ds.augment, train=False))
+    model = types.SimpleNamespace(apply_fn=models.inference_apply(module), params=variables)
+    robust = robustness.analyze(model, images, np.asarray(ds.test_labels[:n]), settings=s['robustness'],
+                                key=jax.random.key(config.seed + 1), mesh=mesh, population=ds.num_test)
     timing['robustness_s'] = time.time() - t
 
   t = time.time()

@@ -168,7 +168,7 @@ def main(argv=None):
       'load_average_start': load_start, 'load_average_end': _uptime(),
       'jax_compile_and_first_call_s': round(compile_s, 2), 'equivalence': equivalence, 'results': results,
   }
-  at.write_results(args.out, out)
+  at.write_results(args.out, out, key_fields=('eps',), merge=False)  # machine.write_results
   print(json.dumps(results, indent=1))
 
 

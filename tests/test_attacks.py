@@ -55,9 +55,12 @@ def test_fgsm_is_one_unprojected_sign_step(trained_cnn):
 
 
 def test_zero_eps_returns_input(trained_cnn):
+  """A traced ε of 0 (an ε ramp's first step) leaves the input as it is; a concrete ε of 0 is refused."""
   logits_fn, x, y = trained_cnn
-  adv = attacks.pgd(logits_fn, x[:16], y[:16], jax.random.key(0), eps=0.0, step_size=0.01, steps=3)
-  np.testing.assert_array_equal(adv, x[:16])
+  run = jax.jit(lambda e: attacks.pgd(logits_fn, x[:16], y[:16], jax.random.key(0), eps=e, step_size=0.01, steps=3))
+  np.testing.assert_array_equal(run(0.0), x[:16])
+  with pytest.raises(ValueError, match='eps must be > 0'):
+    attacks.pgd(logits_fn, x[:16], y[:16], jax.random.key(0), eps=0.0, step_size=0.01, steps=3)
 
 
 def test_per_example_independence(trained_cnn):
@@ -87,5 +90,5 @@ def test_rejects_bad_inputs(trained_cnn):
   logits_fn, x, y = trained_cnn
   with pytest.raises(ValueError, match='norm'):
     attacks.pgd(logits_fn, x[:4], y[:4], jax.random.key(0), eps=0.1, step_size=0.1, steps=1, norm='l3')
-  with pytest.raises(AssertionError):
+  with pytest.raises(ValueError, match='logits_fn must map images'):  # (4, 28, 1): not the model's input shape
     attacks.pgd(logits_fn, x[:4, 0], y[:4], jax.random.key(0), eps=0.1, step_size=0.1, steps=1)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from arreg_jax import attacks, sharding
-from arreg_jax.attacks import evaluation, sanity_checks
+from arreg_jax.attacks import gradient_masking, robust_accuracy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.15
@@ -113,8 +113,9 @@ GEOMETRY = {
                                                       restarts=2),
     'square': lambda f, x, y, k, e: attacks.square(f, x, y, k, eps=e, queries=50),
     # APGD-CE then APGD-T (2 targets): also the targeted attack's geometry.
-    'autoattack_fast': lambda f, x, y, k, e: attacks.autoattack(f, x, y, k, eps=e, steps=10, n_targets=2,
-                                                                version='fast'),
+    'autoattack_custom': lambda f, x, y, k, e: attacks.autoattack(f, x, y, k, eps=e, steps=10, n_targets=2,
+                                                                  version='custom', attacks=['apgd_ce', 'apgd_t']),
+    'square_l2': lambda f, x, y, k, e: attacks.square(f, x, y, k, eps=10 * e, queries=50, norm='l2'),
 }
 
 
@@ -188,7 +189,7 @@ def test_autoattack_on_four_devices_matches_one():
 def strengths(trained_cnn):
   """Robust accuracies on 64 test digits at ε = 0.15, all attacks in one program: PGD-10, AutoAttack (APGD 20
   iterations, 3 targets, Square 300 queries) with its history, and APGD-T and Square alone with AutoAttack's stage
-  keys (Square on a model whose gradient raises)."""
+  keys (stages 1 and 3; Square on a model whose gradient raises)."""
   logits_fn, x, y = trained_cnn
   kw = dict(eps=EPS, steps=20, n_targets=3)
 
@@ -199,7 +200,7 @@ def strengths(trained_cnn):
     out = {k: jnp.mean(v) for k, v in hist.items()}
     out['pgd10'] = acc(attacks.pgd(logits_fn, x, y, KEY, eps=EPS, step_size=EPS / 4, steps=10))
     out['apgd_t_alone'] = acc(attacks.apgd(logits_fn, x, y, jax.random.fold_in(KEY, 1), loss='dlr_targeted', **kw))
-    out['square_alone'] = acc(attacks.square(_no_gradient(logits_fn), x, y, jax.random.fold_in(KEY, 2), eps=EPS,
+    out['square_alone'] = acc(attacks.square(_no_gradient(logits_fn), x, y, jax.random.fold_in(KEY, 3), eps=EPS,
                                              queries=300, rescale=False))
     return out
 
@@ -232,7 +233,7 @@ def test_autoattack_history_is_the_cascade():
                                                       return_history=True, **kw))(x, y)
   alone = jax.jit(lambda x, y: attacks.apgd(logits_fn, x, y, jax.random.fold_in(KEY, 0), **kw))(x, y)
   np.testing.assert_array_equal(hist['apgd_ce'], jnp.argmax(logits_fn(alone), -1) == y)
-  stages = ['clean', 'apgd_ce', 'apgd_t', 'square']  # (jit returns dicts with sorted keys)
+  stages = ['clean', 'apgd_ce', 'apgd_t', 'fab_t', 'square']  # (jit returns dicts with sorted keys)
   assert sorted(hist) == sorted(stages)
   masks = [np.asarray(hist[k]) for k in stages]
   for a, b in zip(masks, masks[1:]):
@@ -240,7 +241,7 @@ def test_autoattack_history_is_the_cascade():
   np.testing.assert_array_equal(np.asarray(jnp.argmax(logits_fn(adv), -1) == y), masks[-1])
   assert np.abs(np.asarray(adv - x)).max() <= 0.03 + 1e-6
   with pytest.raises(ValueError, match='version'):
-    attacks.autoattack(logits_fn, x, y, KEY, eps=0.03, version='plus')
+    attacks.autoattack(logits_fn, x, y, KEY, eps=0.03, version='fast')
 
 
 # --- robust accuracies and sanity checks --------------------------------------------------------------------------
@@ -255,29 +256,29 @@ def test_robust_accuracies_padded_batches_match_one_batch():
   want = np.mean(np.asarray((jnp.argmax(logits_fn(adv), -1) == y) & (jnp.argmax(logits_fn(x), -1) == y)))
   assert got['clean'] == pytest.approx(0.7) and got['fgsm'] == pytest.approx(want)
   with pytest.raises(ValueError, match='unknown attack'):
-    evaluation.attack_fn('cw')
+    robust_accuracy.attack_fn('cw')
 
 
 def test_accuracy_checks_on_known_cases():
   good = {'fgsm': 0.5, 'pgd10': 0.4, 'pgd100': 0.38, 'apgd_ce': 0.37, 'autoattack': 0.35, 'square': 0.45}
-  assert sanity_checks.attack_ordering(good)['passed']
-  bad = sanity_checks.attack_ordering({**good, 'pgd100': 0.45})
+  assert gradient_masking.attack_ordering(good)['passed']
+  bad = gradient_masking.attack_ordering({**good, 'pgd100': 0.45})
   assert not bad['passed'] and bad['value'] == pytest.approx(0.05) and 'pgd10' in bad['detail']
-  assert sanity_checks.square_vs_whitebox(good)['passed']
-  masked = sanity_checks.square_vs_whitebox({**good, 'square': 0.30})
+  assert gradient_masking.square_vs_whitebox(good)['passed']
+  masked = gradient_masking.square_vs_whitebox({**good, 'square': 0.30})
   assert not masked['passed'] and masked['value'] == pytest.approx(0.07)  # apgd_ce 0.37 − 0.30
-  assert sanity_checks.eps_monotone({0.0: 0.9, 0.1: 0.5, 0.5: 0.0})['passed']
-  assert not sanity_checks.eps_monotone({0.0: 0.9, 0.1: 0.5, 0.2: 0.6, 0.5: 0.0})['passed']
-  assert not sanity_checks.eps_monotone({0.0: 0.9, 0.5: 0.3})['passed']  # never reaches 0
+  assert gradient_masking.eps_monotone({0.0: 0.9, 0.1: 0.5, 0.5: 0.0})['passed']
+  assert not gradient_masking.eps_monotone({0.0: 0.9, 0.1: 0.5, 0.2: 0.6, 0.5: 0.0})['passed']
+  assert not gradient_masking.eps_monotone({0.0: 0.9, 0.5: 0.3})['passed']  # never reaches 0
 
 
 def test_masked_gradients_are_flagged(trained_cnn):
   logits_fn, x, y = trained_cnn
   x, y = x[:64], y[:64]
-  clean = sanity_checks.sanity_checks(logits_fn, x, y)
+  clean = gradient_masking.run_checks(logits_fn, x, y)
   assert clean['zero_gradients']['passed'] and clean['deterministic']['passed'], clean
   for masked in (lambda z: logits_fn(jnp.round(z * 8) / 8), lambda z: logits_fn(jax.lax.stop_gradient(z))):
-    out = sanity_checks.sanity_checks(masked, x, y)
+    out = gradient_masking.run_checks(masked, x, y)
     assert not out['zero_gradients']['passed'] and out['zero_gradients']['value'] == 1.0, out
   noisy = lambda z: logits_fn(z) + 1e-2 * np.random.default_rng().normal(size=(len(z), 10))
-  assert not sanity_checks.deterministic(noisy, x)['passed']
+  assert not gradient_masking.deterministic(noisy, x)['passed']

@@ -1,94 +1,120 @@
-"""Robust accuracy of a trained model under a list of attacks, and the checks that the robustness is real.
+"""Robust accuracy of a trained model under a list of attacks, AutoAttack, and the checks that the robustness is real.
 
-For a model, a test subset and ε (``config.eval.robustness``):
+For any model (a ``logits_fn`` or a model pair ``apply_fn``/``params``), float test images in [0, 1] and ε:
 
-* robust accuracy under each attack of :mod:`arreg_jax.attacks.evaluation` (``fgsm``, ``pgd10``, ``pgd100``,
-  ``apgd_ce``, ``apgd_t``, ``square``, …): the share of examples classified correctly both clean and at the attack's
-  output (AutoAttack's convention), and ``autoattack`` — the per-example worst case of APGD-CE, APGD-T and Square
-  (Croce & Hein, ICML 2020: the cascade's result, each attack run on every point; with FAB-T not built, that is
-  AutoAttack's 'standard' version); the paper's PGD accuracy over clean-correct points is ``acc / acc['clean']``;
+* robust accuracy under each attack of :data:`arreg_jax.attacks.robust_accuracy.ATTACKS` (``fgsm``, ``pgd10``,
+  ``pgd100``, ``apgd_ce``, ``apgd_t``, ``fab_t``, ``square``, …): the share of examples classified correctly both
+  clean and at the attack's output (AutoAttack's convention); the paper's PGD accuracy over clean-correct points is
+  ``acc / acc['clean']``;
+* ``autoattack``: the authors' standard version (Croce & Hein, ICML 2020), APGD-CE → APGD-T → FAB-T → Square, run
+  whenever the list names it or any of its stages (the missing stages are added). Each stage runs on every point
+  and a point is robust when it survives all four — what the cascade computes, since every attack acts per example;
+  the settings (targets, queries, examples) are recorded, and so is every reduction from the authors' (fewer targets
+  or queries, a subset of the test set, stages a model with few classes cannot run);
 * accuracy under PGD-10 at multiples of ε (monotone, ≈ 0 at a large ε);
-* the gradient-masking checks of :mod:`arreg_jax.attacks.sanity_checks` (Carlini et al. 2019, §5) and a verdict.
+* the gradient-masking checks of :mod:`arreg_jax.attacks.gradient_masking` (Carlini et al. 2019, §5), a verdict,
+  and a :class:`~arreg_jax.attacks.GradientMaskingWarning` for each check that fails.
 
-Every attack of the list runs in one compiled program per batch (:func:`make_kernel`), with ε traced: the same
-program serves every model of a sweep that shares the architecture, and every ε of the grid.
+All attacks of the list run in one compiled program per batch, with ε traced: the same program serves every model
+of a sweep that shares the architecture (pass a model pair whose ``apply_fn`` is the same object), and every ε.
+The library part only: the experiment runner turns its uint8 data into float images before calling :func:`analyze`.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from arreg_jax import attacks as attacks_lib
-from arreg_jax import sharding
-from arreg_jax.attacks import evaluation, sanity_checks
-from arreg_jax.data import augment
+from arreg_jax.attacks import cascade, gradient_masking, input_checks, robust_accuracy
 
-AUTOATTACK_PARTS = ('apgd_ce', 'apgd_t', 'square')
+AUTHORS = {'n_targets': 9, 'square_queries': 5000, 'iterations': 100}
 
 
-def _attack_fns(n_targets: int, square_queries: int, norm: str) -> dict:
-  return {
-      'apgd_t': lambda f, x, y, k, e: attacks_lib.apgd(f, x, y, k, eps=e, norm=norm, loss='dlr_targeted',
-                                                       n_targets=n_targets),
-      'square': lambda f, x, y, k, e: attacks_lib.square(f, x, y, k, eps=e, queries=square_queries),
-  }
+def attack_plan(names: Sequence[str], num_classes: int, n_targets: int) -> tuple[tuple[str, ...], bool, dict]:
+  """(the attacks to run, whether AutoAttack is computed from its stages, {attack: why not run or reduced}).
+
+  AutoAttack is computed when ``names`` holds 'autoattack' or any of its stages; its missing stages are then run
+  too. Stages a model with ``num_classes`` outputs cannot run are left out (:func:`arreg_jax.attacks.cascade.plan`).
+  """
+  wants_aa = 'autoattack' in names or any(n in robust_accuracy.AUTOATTACK_STAGES for n in names)
+  run = [n for n in names if n != 'autoattack']
+  run += [st for st in robust_accuracy.AUTOATTACK_STAGES if st not in run] if wants_aa else []
+  kept, notes = cascade.plan([cascade.Stage(n, n_targets=n_targets) for n in run if n in cascade.STAGE_LABELS],
+                             num_classes)
+  kept_names = {st.name for _, st in kept}
+  return tuple(n for n in run if n not in cascade.STAGE_LABELS or n in kept_names), wants_aa, notes
 
 
-@functools.lru_cache(maxsize=None)
-def make_kernel(module, augment_kind: str, attack_names: tuple[str, ...], *, norm: str = 'linf', n_targets: int = 9,
-                square_queries: int = 5000):
-  """Jitted ``(variables, images_uint8, labels, mask, key_data, eps) -> {'clean': (B,) bool, name: (B,) bool}``."""
-  fns = _attack_fns(n_targets, square_queries, norm)
+def analyze(model: Any, images, labels, *, settings: dict, key: jax.Array, mesh: jax.sharding.Mesh | None = None,
+            population: int | None = None) -> dict[str, Any]:
+  """The robustness section of one model's analysis.
 
-  def kernel(variables, images, labels, mask, key_data, eps):
-    del mask
-    key = jax.random.wrap_key_data(key_data)
-    x = augment.preprocess(None, images, kind=augment_kind, train=False)
-    logits_fn = lambda z: module.apply(variables, z, train=False)
-    return evaluation.robust_masks(logits_fn, x, labels, key, eps, attacks=attack_names, norm=norm, attack_fns=fns)
+  Args:
+    model: ``logits_fn(images) -> logits``, or a model pair with ``apply_fn(params, images)`` and ``params``.
+    images: float (N, H, W, C) test images in [0, 1] (NumPy); the first ``settings['examples']`` are evaluated.
+    labels: int (N,) their classes.
+    settings: ``attacks`` (names), ``eps``, ``examples`` (None: all), ``n_targets``, ``square_queries``,
+      ``eps_grid`` (radii of the PGD-10 accuracy curve), ``check_examples``, ``batch_size`` (the runner's resolved
+      ``config.eval.robustness``).
+    key: a ``jax.random.key``.
+    mesh: the devices to shard the batches over (default: every device).
+    population: the size of the split ``images`` were taken from (recorded when only a subset is evaluated).
 
-  return jax.jit(kernel)
-
-
-def robust_accuracies(module, variables, images, labels, *, augment_kind: str, attack_names: Sequence[str], eps: float,
-                      key, batch_size: int, mesh, limit: int | None, **kernel_kw) -> dict[str, float]:
-  """``{'clean', name…, ['autoattack']}`` robust accuracies (shares) over the first ``limit`` examples."""
-  kernel = make_kernel(module, augment_kind, tuple(attack_names), **kernel_kw)
-  out = sharding.map_batches(kernel, variables, images, labels, batch_size=batch_size, mesh=mesh, limit=limit,
-                             extra=(np.float32(eps),), batch_key=key)
-  if all(p in out for p in AUTOATTACK_PARTS):
-    out['autoattack'] = np.logical_and.reduce([out[p] for p in AUTOATTACK_PARTS])
-  return {k: float(np.mean(v)) for k, v in out.items()}
-
-
-def evaluate(module, variables, images, labels, *, settings: dict, augment_kind: str, key, mesh) -> dict[str, Any]:
-  """The robustness section of one run's analysis (``settings``: the resolved ``config.eval.robustness``)."""
+  Returns:
+    ``{'eps', 'examples', 'accuracy': {'clean', attack…, 'autoattack'}, 'autoattack': {…settings, reductions},
+    'attacks_not_run', 'accuracy_vs_eps', 'checks', 'strongest', 'verdict', 'real'}``.
+  """
   s = settings
-  common = dict(augment_kind=augment_kind, batch_size=s['batch_size'], mesh=mesh, limit=s['examples'])
-  acc = robust_accuracies(module, variables, images, labels, attack_names=s['attacks'], eps=s['eps'],
-                          key=jax.random.fold_in(key, 0), n_targets=s['n_targets'],
-                          square_queries=s['square_queries'], **common)
+  n = int(min(s['examples'] or len(labels), len(labels)))
+  total = max(int(population or 0), n)
+  images, labels = np.asarray(images)[:n], np.asarray(labels)[:n]
+  apply_fn, params = input_checks.split_model(model)
+  _, k = input_checks.logits_shape(lambda x: apply_fn(params, x), images[:1])
+  n_targets = int(s['n_targets'])
+  run, wants_aa, notes = attack_plan([str(a) for a in s['attacks']], k, n_targets)
+  common = dict(batch_size=s['batch_size'], mesh=mesh, n_targets=min(n_targets, k - 1),
+                queries=int(s['square_queries']), warn=False)
+  masks = robust_accuracy.robust_accuracies(model, images, labels, jax.random.fold_in(key, 0), eps=s['eps'],
+                                            attacks=run, return_masks=True, **common)
+  acc = {name: float(np.mean(m)) for name, m in masks.items()}
+  aa = None
+  if wants_aa:
+    stages = [st for st in robust_accuracy.AUTOATTACK_STAGES if st in masks]
+    acc['autoattack'] = float(np.mean(np.logical_and.reduce([masks[st] for st in stages])))
+    aa = _autoattack_block(stages, notes, n_targets=min(n_targets, k - 1), queries=int(s['square_queries']),
+                           examples=n, total=total)
   grid = {}
   for i, e in enumerate(s['eps_grid']):
-    grid[e] = robust_accuracies(module, variables, images, labels, attack_names=('pgd10',), eps=e,
-                                key=jax.random.fold_in(key, 1 + i), **common)['pgd10']
-  n = min(s['examples'] or len(labels), len(labels), s['check_examples'])
-  x = augment.preprocess(None, jnp.asarray(images[:n]), kind=augment_kind, train=False)
-  logits_fn = jax.jit(lambda z: module.apply(variables, z, train=False))
-  checks = sanity_checks.sanity_checks(logits_fn, x, jnp.asarray(labels[:n], jnp.int32), accuracies=acc,
+    grid[e] = robust_accuracy.robust_accuracies(model, images, labels, jax.random.fold_in(key, 1 + i), eps=e,
+                                                attacks=('pgd10',), **common)['pgd10']
+  m = min(n, int(s['check_examples']))
+  checks = gradient_masking.run_checks(model, images[:m], labels[:m].astype(np.int32), accuracies=acc,
                                        accuracy_vs_eps=grid)
-  checks = {k: {'value': float(v['value']), 'passed': bool(v['passed']), 'detail': v['detail']}
-            for k, v in checks.items()}
-  failed = sorted(k for k, v in checks.items() if not v['passed'])
-  strongest = min((k for k in acc if k != 'clean'), key=lambda k: acc[k])
+  checks = {c: {'value': None if v['value'] is None else float(v['value']), 'passed': bool(v['passed']),
+                'detail': v['detail']} for c, v in checks.items()}
+  gradient_masking.warn_failed(checks, 'robustness analysis')
+  failed = sorted(c for c, v in checks.items() if not v['passed'])
+  strongest = min((a for a in acc if a != 'clean'), key=lambda a: acc[a])
   return {
-      'eps': s['eps'], 'examples': int(min(s['examples'] or len(labels), len(labels))), 'accuracy': acc,
+      'eps': s['eps'], 'examples': n, 'accuracy': acc, 'autoattack': aa, 'attacks_not_run': notes,
       'accuracy_vs_eps': [[float(e), float(a)] for e, a in grid.items()], 'checks': checks,
       'strongest': strongest, 'verdict': 'no sign of gradient masking' if not failed else
       'suspicious: ' + ', '.join(failed), 'real': not failed,
   }
+
+
+def _autoattack_block(stages, notes, *, n_targets, queries, examples, total) -> dict[str, Any]:
+  """What 'autoattack' ran, and how it differs from the authors' standard version."""
+  reduced = []
+  targeted = ' and '.join(cascade.STAGE_LABELS[st] for st in stages if st in ('apgd_t', 'fab_t'))
+  if targeted and n_targets < AUTHORS['n_targets']:
+    reduced.append(f'{targeted} with {n_targets} target(s) instead of {AUTHORS["n_targets"]}')
+  if queries < AUTHORS['square_queries']:
+    reduced.append(f'Square with {queries} queries instead of {AUTHORS["square_queries"]}')
+  if examples < total:
+    reduced.append(f'the first {examples} of {total} test examples')
+  reduced += [f'{cascade.STAGE_LABELS[k]} {v}' for k, v in notes.items() if k in cascade.STAGE_LABELS]
+  return {'version': 'standard', 'stages': list(stages), 'n_targets': n_targets, 'square_queries': queries,
+          'iterations': AUTHORS['iterations'], 'reduced': reduced}

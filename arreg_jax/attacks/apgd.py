@@ -25,15 +25,16 @@ highest-loss point over all runs, else (misclassified when clean) the clean inpu
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from arreg_jax.attacks import noise
-from arreg_jax.attacks.losses import per_example_loss
-from arreg_jax.attacks.pgd import LogitsFn, _check, _per_example_norm
+from arreg_jax.attacks import input_checks, noise
+from arreg_jax.attacks.compiled import compiled_once
+from arreg_jax.attacks.losses import LOSSES, per_example_loss
+from arreg_jax.attacks.norm_balls import ascent_direction, l2_norms, project
+from arreg_jax.attacks.pgd import LogitsFn
 
 MOMENTUM = 0.75
 RHO = 0.75
@@ -70,28 +71,14 @@ def _bcast(v, x):
   return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
-def _project(x_new, x0, eps, norm):
-  """P_S: onto the ε-ball around x0 (L∞ clip, or L2 radial rescale as the authors), then onto [0, 1]."""
-  if norm == 'linf':
-    return jnp.clip(jnp.clip(x_new, x0 - eps, x0 + eps), 0.0, 1.0)
-  d = x_new - x0
-  n = _per_example_norm(d)
-  return jnp.clip(x0 + d / (n + 1e-12) * jnp.minimum(eps, n), 0.0, 1.0)
-
-
-def _direction(g, norm):
-  if norm == 'linf':
-    return jnp.sign(g)
-  return g / (_per_example_norm(g) + 1e-12)
-
-
 def _random_start(key, x0, eps, norm):
+  """x⁽⁰⁾ = clip_[0,1](x + ε·u/‖u‖): u uniform in [−1, 1]ᵈ (L∞) or standard normal (L2), per example."""
   if norm == 'linf':
     t = noise.uniform(key, x0.shape, -1.0, 1.0)
     t = t / (jnp.max(jnp.abs(t), axis=tuple(range(1, t.ndim)), keepdims=True) + 1e-12)
   else:
     t = noise.normal(key, x0.shape)
-    t = t / (_per_example_norm(t) + 1e-12)
+    t = t / (l2_norms(t) + 1e-12)
   return jnp.clip(x0 + eps * t, 0.0, 1.0)
 
 
@@ -108,8 +95,8 @@ def _single_run(value_and_grad, x0, labels, targets, key, eps, norm, steps):
 
   def body(i, s):
     alpha = jnp.where(i > 0, MOMENTUM, 1.0)
-    z = _project(s['x'] + _bcast(s['step'], x0) * _direction(s['g'], norm), x0, eps, norm)
-    x_new = _project(s['x'] + alpha * (z - s['x']) + (1.0 - alpha) * (s['x'] - s['x_old']), x0, eps, norm)
+    z = project(s['x'] + _bcast(s['step'], x0) * ascent_direction(s['g'], norm), x0, eps, norm)
+    x_new = project(s['x'] + alpha * (z - s['x']) + (1.0 - alpha) * (s['x'] - s['x_old']), x0, eps, norm)
     (_, (loss, logits)), g = value_and_grad(x_new, labels, targets)
     wrong = jnp.argmax(logits, -1) != labels
     better = loss > s['f_max']
@@ -147,10 +134,13 @@ def runs_of(loss: str, restarts: int = 1, n_targets: int = 9) -> tuple[tuple[str
 
 
 def apgd_runs(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, keys: jax.Array, active: jax.Array, *,
-              eps, runs: tuple[tuple[str, int], ...], norm: str = 'linf',
-              steps: int = 100) -> tuple[jax.Array, jax.Array]:
+              eps, runs: tuple[tuple[str, int], ...], norm: str = 'linf', steps: int = 100,
+              n_ranks: int = 0, rank_shift=0) -> tuple[jax.Array, jax.Array]:
   """APGD runs one after another (one ``lax.fori_loop``; run r uses ``runs[r]`` and ``keys[r]``) on the examples
   where ``active`` (B,); each run is skipped when no active example is left robust.
+
+  A targeted run's rank j is shifted by ``rank_shift`` (may be traced; the ranks up to ``n_ranks`` are available):
+  one compiled run then serves every target, as the front end uses it, one target at a time.
 
   Returns (images in float32: per example the first misclassified point found, else the highest-loss point, else
   the input; done (R, B) bool: active and misclassified — clean or at a point found — after runs 0 … r).
@@ -159,6 +149,7 @@ def apgd_runs(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, keys: j
   loss_fns = [per_example_loss(name) for name in names]
   loss_id = jnp.asarray([names.index(name) for name, _ in runs], jnp.int32)
   rank = jnp.asarray([j for _, j in runs], jnp.int32)
+  rank = jnp.where(rank > 0, rank + rank_shift, rank)
   x0 = images.astype(jnp.float32)
 
   def f(x, y, t, sel):
@@ -168,7 +159,7 @@ def apgd_runs(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, keys: j
 
   value_and_grad = jax.value_and_grad(f, has_aux=True)
   clean_logits = logits_fn(images).astype(jnp.float32)
-  max_rank = max(j for _, j in runs)
+  max_rank = max(n_ranks, max(j for _, j in runs))
   if max_rank + 1 > clean_logits.shape[-1]:
     raise ValueError(f'{max_rank} targets need at least {max_rank + 1} classes, the model has '
                      f'{clean_logits.shape[-1]}')
@@ -197,23 +188,63 @@ def apgd_runs(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, keys: j
   return lax.stop_gradient(out), hist
 
 
-def run_keys(key: jax.Array, n: int) -> jax.Array:
-  """(n,) keys of :func:`apgd`'s runs: fold_in(key, r)."""
-  return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(n))
+def _apgd(apply_fn, params, images, labels, key, eps, *, runs, norm, steps):
+  logits_fn = lambda x: apply_fn(params, x)
+  out, _ = apgd_runs(logits_fn, images, labels, noise.example_keys(key, len(runs)), jnp.ones(labels.shape, bool),
+                     eps=eps, runs=runs, norm=norm, steps=steps)
+  return out.astype(images.dtype)
+
+
+_apgd_once = compiled_once(_apgd, ('apply_fn', 'runs', 'norm', 'steps'))
+
+# The fewest classes each loss needs: DLR reads the 3 largest logits, targeted DLR the 4 largest.
+MIN_CLASSES = {'ce': 2, 'dlr': 3, 'dlr_targeted': 4}
+
+
+def check_loss(loss: str, num_classes: int, n_targets: int) -> None:
+  """A ValueError naming ``loss`` or ``n_targets`` when the model's ``num_classes`` cannot support them."""
+  if loss not in LOSSES:
+    raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+  if num_classes < MIN_CLASSES[loss]:
+    raise ValueError(f"loss={loss!r} needs a model with at least {MIN_CLASSES[loss]} classes, this one has "
+                     f"{num_classes}; use loss='ce'")
+  if loss == 'dlr_targeted' and n_targets > num_classes - 1:
+    raise ValueError(f'n_targets must be at most {num_classes - 1} (the classes other than the label) for a model '
+                     f'with {num_classes} classes, got {n_targets}')
 
 
 def apgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps, norm: str = 'linf',
          steps: int = 100, loss: str = 'ce', restarts: int = 1, n_targets: int = 9) -> jax.Array:
-  """APGD (Croce & Hein, ICML 2020) on ``loss`` ∈ {'ce', 'dlr', 'dlr_targeted'} in the ``norm`` ε-ball.
+  """APGD (Croce & Hein, ICML 2020, Algorithm 1) on ``loss`` in the ``norm`` ε-ball, as the authors' code runs it.
 
-  ``eps`` may be a traced scalar; ``steps``, ``norm``, ``loss``, ``restarts`` and ``n_targets`` are static. For
-  'dlr_targeted' the attack runs ``restarts`` times per target t ∈ {2nd, …, (n_targets+1)-th largest clean logit}.
-  Returns adversarial images with the input's shape and dtype: per example the first misclassified point found
-  (over restarts and targets, in order), else the highest-loss point, else the clean input if it is misclassified.
+  For ``loss='dlr_targeted'`` (APGD-T) the attack runs ``restarts`` times per target t ∈ {2nd, …,
+  (n_targets+1)-th largest clean logit}, one target after another.
+
+  Args:
+    logits_fn: ``images -> logits (N, K)``, or a model pair with ``apply_fn(params, images)`` and ``params`` (the
+      parameters then are a traced argument: new weights reuse the compiled program).
+    images: float (N, ...) in [0, 1].
+    labels: int (N,) true classes in [0, K).
+    key: a ``jax.random.key``; run r draws its random start from ``fold_in(key, r)``, example i from
+      ``fold_in(·, i)``.
+    eps: radius, a scalar in (0, 1] (L∞) or > 0 (L2); may be traced (one compilation serves every ε).
+    norm: 'linf' or 'l2' (also 'Linf', 'L2').
+    steps: iterations N per run (static), 100 in AutoAttack.
+    loss: 'ce' (K ≥ 2), 'dlr' (eq. 6, K ≥ 3) or 'dlr_targeted' (eq. 7, K ≥ 4) (static).
+    restarts: runs per target (static).
+    n_targets: target classes of 'dlr_targeted', at most K − 1 (static).
+
+  Returns:
+    Images with the input's shape and dtype: per example the first misclassified point found (over restarts and
+    targets, in order), else the highest-loss point, else the clean input if it is misclassified.
   """
-  _check(images, labels, norm)
-  chex.assert_rank(jnp.asarray(eps), 0)
-  runs = runs_of(loss, restarts, n_targets)
-  out, _ = apgd_runs(logits_fn, images, labels, run_keys(key, len(runs)), jnp.ones(labels.shape, bool), eps=eps,
-                     runs=runs, norm=norm, steps=steps)
-  return out.astype(images.dtype)
+  norm, k = input_checks.check_attack_inputs(logits_fn, images, labels, eps, norm)
+  if jnp.ndim(eps) != 0:
+    raise ValueError(f'eps must be a scalar for apgd, got shape {jnp.shape(eps)}')
+  steps = input_checks.static_int(steps, 'steps')
+  restarts = input_checks.static_int(restarts, 'restarts')
+  n_targets = input_checks.static_int(n_targets, 'n_targets')
+  check_loss(loss, k, n_targets)
+  apply_fn, params = input_checks.split_model(logits_fn)
+  return _apgd_once(apply_fn, params, images, labels, key, eps, runs=runs_of(loss, restarts, n_targets), norm=norm,
+                    steps=steps)

@@ -15,18 +15,25 @@ import jax.numpy as jnp
 import optax
 
 _DLR_EPS = 1e-12
+LOSSES = ('ce', 'dlr', 'dlr_targeted')
 
 
-def _check(logits, labels):
+def _assert_shapes(logits, labels):
   chex.assert_rank(logits, 2)
   chex.assert_rank(labels, 1)
   chex.assert_equal_shape_prefix([logits, labels], 1)
   chex.assert_type(labels, int)
 
 
+def _need_classes(logits, k: int, name: str) -> None:
+  if logits.shape[-1] < k:
+    raise ValueError(f'the {name} loss needs logits of at least {k} classes (it reads the {k} largest), the model has '
+                     f'{logits.shape[-1]}; use the cross-entropy (or margin) loss on this model')
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """CE(z, y) = −log softmax(z)_y per example."""
-  _check(logits, labels)
+  _assert_shapes(logits, labels)
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
@@ -43,13 +50,14 @@ def _true_logit(logits, labels):
 
 def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """z_y − max_{i≠y} z_i per example: positive iff the example is classified correctly (ties aside)."""
-  _check(logits, labels)
+  _assert_shapes(logits, labels)
   return _true_logit(logits, labels) - max_other(logits, labels)
 
 
 def dlr(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """DLR(z, y) = −(z_y − max_{i≠y} z_i) / (z_π1 − z_π3 + 1e-12)  (Croce & Hein 2020, eq. 6); needs K ≥ 3."""
-  _check(logits, labels)
+  _assert_shapes(logits, labels)
+  _need_classes(logits, 3, 'dlr')
   top = jax.lax.top_k(logits.astype(jnp.float32), 3)[0]
   return -margin(logits, labels) / (top[:, 0] - top[:, 2] + _DLR_EPS)
 
@@ -59,8 +67,9 @@ def dlr_targeted(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> ja
 
   Maximizing it pushes the target logit z_t above the true one z_y.
   """
-  _check(logits, labels)
+  _assert_shapes(logits, labels)
   chex.assert_equal_shape([labels, targets])
+  _need_classes(logits, 4, 'dlr_targeted')
   top = jax.lax.top_k(logits.astype(jnp.float32), 4)[0]
   diff = _true_logit(logits, labels) - _true_logit(logits, targets)
   return -diff / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + _DLR_EPS)
@@ -74,4 +83,4 @@ def per_example_loss(name: str):
     return lambda z, y, t: dlr(z, y)
   if name == 'dlr_targeted':
     return dlr_targeted
-  raise ValueError(f"unknown attack loss {name!r}; choose one of ('ce', 'dlr', 'dlr_targeted')")
+  raise ValueError(f'loss must be one of {LOSSES}, got {name!r}')

@@ -22,37 +22,21 @@ import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
-import optax
+
+from arreg_jax.attacks import input_checks
+from arreg_jax.attacks.compiled import compiled_once
+from arreg_jax.attacks.losses import cross_entropy
+from arreg_jax.attacks.norm_balls import ascent_direction, l2_norms, project_delta
 
 LogitsFn = Callable[[jax.Array], jax.Array]
-_NORMS = ('linf', 'l2')
 
 
 def cross_entropy_sum(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array) -> jax.Array:
   """Σ_i CE(f(x_i), y_i) over the batch, in float32."""
-  logits = logits_fn(images).astype(jnp.float32)
-  return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  return jnp.sum(cross_entropy(logits_fn(images).astype(jnp.float32), labels))
 
 
-def _per_example_norm(x: jax.Array) -> jax.Array:
-  """‖x_i‖₂ for each example, shaped to broadcast against x."""
-  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)), keepdims=True))
-
-
-def _project(delta: jax.Array, eps, norm: str) -> jax.Array:
-  if norm == 'linf':
-    return jnp.clip(delta, -eps, eps)
-  n = _per_example_norm(delta)
-  return delta * jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12))
-
-
-def _ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
-  if norm == 'linf':
-    return jnp.sign(grad)
-  return grad / jnp.maximum(_per_example_norm(grad), 1e-12)
-
-
-def random_start_delta(key: jax.Array, shape, eps, norm: str = 'linf') -> jax.Array:
+def pgd_random_start(key: jax.Array, shape, eps, norm: str = 'linf') -> jax.Array:
   """The random start δ⁰ that :func:`pgd` draws from ``key`` for images of ``shape``: uniform in the ``norm`` ball
   of radius ``eps`` (before clipping x + δ⁰ to [0, 1]). Drawn once for a whole batch, it lets the batch be attacked
   in chunks (``pgd(..., init_delta=chunk of δ⁰)``) with exactly the starting points of one attack on the batch."""
@@ -61,7 +45,7 @@ def random_start_delta(key: jax.Array, shape, eps, norm: str = 'linf') -> jax.Ar
   # Uniform in the L2 ball: a Gaussian direction scaled by eps · U^(1/d).
   k1, k2 = jax.random.split(key)
   direction = jax.random.normal(k1, shape, jnp.float32)
-  direction = direction / jnp.maximum(_per_example_norm(direction), 1e-12)
+  direction = direction / jnp.maximum(l2_norms(direction), 1e-12)
   d = 1
   for s in shape[1:]:
     d *= s
@@ -69,52 +53,69 @@ def random_start_delta(key: jax.Array, shape, eps, norm: str = 'linf') -> jax.Ar
   return direction * radius * eps
 
 
-def _check(images, labels, norm):
-  chex.assert_rank(images, 4)
-  chex.assert_rank(labels, 1)
-  chex.assert_equal_shape_prefix([images, labels], 1)
-  chex.assert_type(labels, int)
-  if norm not in _NORMS:
-    raise ValueError(f'unknown attack norm {norm!r}; choose one of {_NORMS}')
-
-
-def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps, step_size, steps: int,
-        norm: str = 'linf', random_start: bool = True,
-        loss_fn: Callable[[LogitsFn, jax.Array, jax.Array], jax.Array] = cross_entropy_sum,
-        init_delta: jax.Array | None = None) -> jax.Array:
-  """Projected gradient ascent on ``loss_fn`` inside the ``norm`` ball of radius ``eps`` around ``images``.
-
-  x⁰ = x (+ uniform noise in the ball if ``random_start``), then ``steps`` times
-  xᵗ⁺¹ = clip_[0,1]( x + Π_ε( xᵗ + α·d(∇ₓ L(xᵗ)) − x ) ),  d = sign (L∞) or g/‖g‖₂ per example (L2).
-  ``eps`` and ``step_size`` may be traced scalars (e.g. an ε ramp); ``steps`` and ``norm`` are static.
-  ``init_delta`` (images' shape), when given, is the starting perturbation instead of a draw from ``key`` (see
-  :func:`random_start_delta`). Returns adversarial images with the input's shape and dtype.
-  """
-  _check(images, labels, norm)
+def _pgd(apply_fn, params, images, labels, key, eps, step_size, init_delta, *, steps, norm, random_start, loss_fn):
+  logits_fn = lambda x: apply_fn(params, x)
   x0 = images.astype(jnp.float32)
   grad_fn = jax.grad(lambda x: loss_fn(logits_fn, x.astype(images.dtype), labels))
   if init_delta is not None:
     chex.assert_equal_shape([init_delta, x0])
     delta = init_delta.astype(jnp.float32)
   else:
-    delta = random_start_delta(key, x0.shape, eps, norm) if random_start else jnp.zeros_like(x0)
+    delta = pgd_random_start(key, x0.shape, eps, norm) if random_start else jnp.zeros_like(x0)
   delta = jnp.clip(x0 + delta, 0.0, 1.0) - x0
 
   def body(_, delta):
     g = grad_fn(x0 + delta).astype(jnp.float32)
-    delta = _project(delta + step_size * _ascent_direction(g, norm), eps, norm)
+    delta = project_delta(delta + step_size * ascent_direction(g, norm), eps, norm)
     return jnp.clip(x0 + delta, 0.0, 1.0) - x0
 
   delta = lax.fori_loop(0, steps, body, delta)
   return lax.stop_gradient((x0 + delta).astype(images.dtype))
 
 
-def fgsm(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
+_pgd_once = compiled_once(_pgd, ('apply_fn', 'steps', 'norm', 'random_start', 'loss_fn'))
+
+
+def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array | None, *, eps, step_size,
+        steps: int, norm: str = 'linf', random_start: bool = True,
+        loss_fn: Callable[[LogitsFn, jax.Array, jax.Array], jax.Array] = cross_entropy_sum,
+        init_delta: jax.Array | None = None) -> jax.Array:
+  """Projected gradient ascent on ``loss_fn`` inside the ``norm`` ball of radius ``eps`` around ``images``.
+
+  x⁰ = x (+ uniform noise in the ball if ``random_start``), then ``steps`` times
+  xᵗ⁺¹ = clip_[0,1]( x + Π_ε( xᵗ + α·d(∇ₓ L(xᵗ)) − x ) ),  d = sign (L∞) or g/‖g‖₂ per example (L2)
+  (Madry et al. 2018; :mod:`arreg_jax.attacks.norm_balls`).
+
+  Args:
+    logits_fn: ``images -> logits (N, K)``, or a model pair with ``apply_fn(params, images)`` and ``params``
+      (then the parameters are a traced argument: new weights reuse the compiled program).
+    images: float (N, ...) in [0, 1] (any layout ``logits_fn`` reads; our models take NHWC).
+    labels: int (N,) true classes in [0, K).
+    key: a ``jax.random.key`` for the random start (None when ``random_start=False`` or ``init_delta`` is given).
+    eps: radius of the ball: in (0, 1] for L∞, > 0 for L2; a scalar or per example ``(N, 1, …)``; may be traced.
+    step_size: α, in the units of ``eps`` (may be traced).
+    steps: number of steps, a Python int (static).
+    norm: 'linf' or 'l2' (also 'Linf', 'L2').
+    random_start: start from a uniform draw in the ball (:func:`pgd_random_start`).
+    loss_fn: ``loss_fn(logits_fn, images, labels) -> scalar`` to ascend; default the batch-summed cross-entropy.
+    init_delta: the starting perturbation (images' shape) instead of a draw from ``key``.
+
+  Returns:
+    Adversarial images with the input's shape and dtype, inside the ball and [0, 1]; under ``stop_gradient``.
+  """
+  norm, _ = input_checks.check_attack_inputs(logits_fn, images, labels, eps, norm)
+  steps = input_checks.static_int(steps, 'steps', minimum=0)
+  apply_fn, params = input_checks.split_model(logits_fn)
+  return _pgd_once(apply_fn, params, images, labels, key, eps, step_size, init_delta, steps=steps, norm=norm,
+                   random_start=bool(random_start), loss_fn=loss_fn)
+
+
+def fgsm(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array | None, *, eps,
          random_start: bool = False, step_size=None, norm: str = 'linf') -> jax.Array:
   """One signed-gradient step: x' = clip_[0,1](x + Π_ε(δ₀ + α·sign(∇ₓ L(x + δ₀)))).
 
   Without a random start δ₀ = 0 and α = ε (Goodfellow et al.); with one, δ₀ ~ U(−ε, ε) and α defaults to 1.25 ε
-  (Wong, Rice, Kolter 2020).
+  (Wong, Rice, Kolter 2020). Arguments as :func:`pgd`.
   """
   if step_size is None:
     step_size = 1.25 * eps if random_start else eps

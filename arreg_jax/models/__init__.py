@@ -6,6 +6,10 @@ the Flax variable dict (``{'params': ...}`` plus ``'batch_stats'`` for BatchNorm
 BatchNorm model normalizes with batch statistics but ``apply_fn`` discards their update; the training step calls
 ``get_module(...).apply(..., mutable=['batch_stats'])`` to keep it.
 
+The fast CPU layers are public drop-ins for users' own linen models: :class:`Conv` (for ``flax.linen.Conv``,
+padding 'SAME') and :func:`max_pool_2x2` (for ``flax.linen.max_pool(x, (2, 2), strides=(2, 2))``), whose input
+gradients XLA:CPU runs fast inside an attack's loop (:mod:`arreg_jax.models.layers`).
+
 Every model sows the input of its last layer (the penultimate features Φ(x) of the average-margin regularizer,
 poster 004) as ``intermediates/features`` and names its last layer ``head``; :func:`apply_with_features` returns
 both. A model name ending in ``_sn`` is the same network with Miyato spectral normalization on every layer (draft
@@ -23,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from arreg_jax.errors import ConfigError
-from arreg_jax.models import lenet, mlp, resnet, vgg, wrn
+from arreg_jax.models import layers, lenet, mlp, resnet, vgg, wrn
+from arreg_jax.models.layers import Conv, conv2d, max_pool_2x2
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     'small_cnn': lambda num_classes, dtype: lenet.SmallCNN(num_classes, dtype),
@@ -99,6 +104,14 @@ def create(name: str, *, num_classes: int, key: jax.Array, input_shape: tuple[in
     return module.apply(variables, images, train=train)
 
   return apply_fn, variables
+
+
+@functools.lru_cache(maxsize=None)
+def inference_apply(module: nn.Module) -> Callable:
+  """``apply_fn(variables, images) -> logits`` of ``module`` in inference mode (``train=False``), one object per
+  module: programs compiled for it (``jax.jit`` keyed on the function, e.g. the attacks' and AutoAttack's) serve
+  every set of weights of that architecture, passed as the traced ``variables``."""
+  return lambda variables, images: module.apply(variables, images, train=False)
 
 
 @functools.lru_cache(maxsize=None)

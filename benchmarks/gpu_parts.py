@@ -487,7 +487,7 @@ def part_wrn_memory(p: Part) -> None:
 
 
 def part_apgd_autoattack(p: Part) -> None:
-  """APGD-CE at each radius of :data:`EPS_APGD`, then AutoAttack (standard, without FAB-T) at
+  """APGD-CE at each radius of :data:`EPS_APGD`, then AutoAttack (standard: APGD-CE → APGD-T → FAB-T → Square) at
   :data:`EPS_AUTOATTACK`: arreg_jax and, when its code is there, the authors' PyTorch attacks in turn."""
   s = p.settings
   import apgd_throughput  # pylint: disable=g-import-not-at-top
@@ -503,11 +503,10 @@ def part_apgd_autoattack(p: Part) -> None:
   logits_fn = jax.jit(module.apply)
   labels = np.asarray(jnp.argmax(logits_fn(variables, images), -1)).astype(np.int32)
   p.record(model=name, images=n, apgd_steps=s.apgd_steps, autoattack={'eps': EPS_AUTOATTACK, 'version': 'standard',
-           'attacks': ['apgd_ce', 'apgd_t', 'square'], 'n_targets': s.aa_targets, 'queries': s.aa_queries},
+           'attacks': ['apgd_ce', 'apgd_t', 'fab_t', 'square'], 'n_targets': s.aa_targets,
+                                                               'queries': s.aa_queries},
            inputs='uniform random images labelled with the clean prediction; random weights, head recalibrated '
-                  '(apgd_throughput.calibrate_head); arreg_jax compiled ahead of time (compile_s), then one timed call',
-           note='the authors\' standard AutoAttack also runs FAB-T, which arreg_jax does not implement: both sides '
-                'run APGD-CE, APGD-T and Square with the standard settings')
+                  '(apgd_throughput.calibrate_head); arreg_jax compiled ahead of time (compile_s), then one timed call')
   authors, why = _authors_code(p.autoattack_dir)
   if authors is None:
     p.skip('authors', why)
@@ -535,9 +534,9 @@ def part_apgd_autoattack(p: Part) -> None:
     if authors is not None:
       authors.apgd(eps)
     pair_s = time.perf_counter() - t0
-  # The cascade: APGD-CE, 9 APGD-T runs, Square's queries (a forward each, about 1/300 of an APGD run of 100
+  # The cascade: APGD-CE, 9 APGD-T runs, 9 FAB-T runs, Square's queries (a forward each, about 1/300 of an APGD run of 100
   # forward-backward iterations), guessed from one APGD-CE run; compiling it takes longer than APGD-CE alone.
-  estimate = (12 + s.aa_queries / 300) * (apgd_s or 1.0) + 2 * compile_s
+  estimate = (21 + s.aa_queries / 300) * (apgd_s or 1.0) + 3 * compile_s
   if not p.fits(estimate):
     p.skip('autoattack', f'budget: ≈ {estimate:.0f} s needed, {p.left():.0f} s left')
     return
@@ -554,7 +553,7 @@ def part_apgd_autoattack(p: Part) -> None:
          'compile_s': round(compile_s, 2), 'seconds': round(secs, 4), 'images_per_s': round(n / secs, 2),
          'robust_accuracy': robust(adv),
          'robust_after': {k: float(np.mean(np.asarray(history[k])))  # in cascade order (pytrees sort keys)
-                          for k in ('clean', 'apgd_ce', 'apgd_t', 'square') if k in history}})
+                          for k in ('clean', 'apgd_ce', 'apgd_t', 'fab_t', 'square') if k in history}})
   if authors is not None:
     if p.fits(2 * secs):
       authors.autoattack()
@@ -627,8 +626,9 @@ class _Authors:
   def autoattack(self) -> None:
     s = self.p.settings
     aa = self.lib.AutoAttack(self.model, norm='Linf', eps=EPS_AUTOATTACK, version='custom',
-                             attacks_to_run=['apgd-ce', 'apgd-t', 'square'], device=self.dev, verbose=False)
-    aa.apgd.n_restarts, aa.apgd.n_iter = 1, s.apgd_steps  # the standard version's settings, without FAB-T
+                             attacks_to_run=['apgd-ce', 'apgd-t', 'fab-t', 'square'], device=self.dev, verbose=False)
+    aa.apgd.n_restarts, aa.apgd.n_iter = 1, s.apgd_steps  # the standard version's settings
+    aa.fab.n_restarts, aa.fab.n_iter, aa.fab.n_target_classes = 1, s.apgd_steps, s.aa_targets
     aa.apgd_targeted.n_target_classes, aa.apgd_targeted.n_restarts = s.aa_targets, 1
     aa.apgd_targeted.n_iter = s.apgd_steps
     aa.square.n_queries = s.aa_queries

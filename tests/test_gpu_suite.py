@@ -81,7 +81,7 @@ def test_tiny_suite_writes_every_part(tmp_path):
   assert {('apgd_ce', 'arreg_jax'), ('autoattack_standard', 'arreg_jax')} <= methods
   assert any(s['what'] == 'authors' and 'not' in s['reason'] for s in apgd['skipped'])
   aa = next(r for r in apgd['results'] if r['attack'] == 'autoattack_standard')
-  assert list(aa['robust_after']) == ['clean', 'apgd_ce', 'apgd_t', 'square']
+  assert list(aa['robust_after']) == ['clean', 'apgd_ce', 'apgd_t', 'fab_t', 'square']
 
   spectral = parts['spectral_clip']['results']
   assert [r['pass'] for r in spectral] == ['once', 'repeats'] and 'eigh_vs_svd' in spectral[1]

@@ -33,7 +33,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from arreg_jax import configuration, distributed, evaluation, models, restore, rundir, sharding
+from arreg_jax import configuration, distributed, models, rundir, sharding
+from arreg_jax.training import checkpoints as restore, eval_step as evaluation
 from arreg_jax import sweep as sweep_lib
 from arreg_jax.analysis import boundary, bounds, distributions, margins, robustness, singular_values
 from arreg_jax.analysis import smoothness

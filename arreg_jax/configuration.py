@@ -201,7 +201,7 @@ def training_differences(saved: dict, requested: dict) -> list[str]:
   return sorted(k for k in set(a) | set(b) if trains(k) and a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
 
 
-# Value rules: each returns (ok, what is required) for the value; ConfigError names the key, the rule and the value.
+# A value rule: (predicate on the value, what it requires in words); ConfigError names the key, the rule, the value.
 Rule = Callable[[Any], bool]
 
 
@@ -222,6 +222,7 @@ def _one_of(options) -> tuple[Rule, str]:
   return (lambda v: v in options), f'one of {tuple(options)}'
 
 
+# Every rule on one key's value, block by block (rules relating several keys are in the _check_* functions below).
 _RULES: tuple[tuple[str, tuple[Rule, str]], ...] = (
     ('train.epochs', _at_least(1)), ('train.batch_size', _at_least(1)), ('train.learning_rate', _positive()),
     ('train.momentum', ((lambda v: 0 <= v < 1), 'in [0, 1)')), ('train.weight_decay', _at_least(0)),

@@ -145,7 +145,8 @@ def step_spec(config: ml_collections.ConfigDict, *, module: nn.Module, adversari
     steps_per_call: steps per call of :func:`train_steps`.
     microbatches: k (default ``config.train.microbatches``, which must then be an int: 'auto' is resolved by
       :mod:`arreg_jax.training.memory_plan`).
-    progress: the in-step progress callback (microbatches > 1).
+    progress: the in-step progress callback; kept only with microbatches > 1 (a step of one microbatch reports
+      nothing from inside, and its spec — hence its compiled program — does not depend on the callback).
 
   Returns:
     The spec; a ``ValueError`` names a microbatch count that is not a positive int dividing the batch.
@@ -160,7 +161,8 @@ def step_spec(config: ml_collections.ConfigDict, *, module: nn.Module, adversari
                   batch_size=batch, steps_per_epoch=int(steps_per_epoch), steps_per_call=int(steps_per_call),
                   microbatches=k, eps_ramp_steps=int(round(config.train.eps_ramp_epochs * steps_per_epoch)),
                   margin_gamma=float(reg.margin_gamma) if reg.margin_lambda else None,
-                  ortho_on=bool(reg.ortho_beta), batch_sharding=batch_sharding, progress=progress)
+                  ortho_on=bool(reg.ortho_beta), batch_sharding=batch_sharding,
+                  progress=progress if k > 1 else None)
 
 
 class StepHyper(flax.struct.PyTreeNode):

@@ -377,5 +377,6 @@ def train_sweep(setup: SweepSetup) -> dict:
     summary = {'dataset': setup.dataset.name, 'model': config.model.name, 'paper': config.paper,
                'attack': config.attack.kind, 'strength_unit': config.attack.strength_unit, 'rows': rows}
     rundir.write_json(os.path.join(workdir, rundir.SUMMARY), summary)
+  distributed.barrier('arreg_jax: sweep trained')  # every process sees the runs finished before it analyzes them
   logging.info('sweep trained in %.1f s', time.time() - t0)
   return summary

@@ -175,21 +175,22 @@ def build_run(config, strength: float, ds, data: DeviceData, mesh, run_dir: str,
              perm_key=jax.random.fold_in(root, 7), eval_key=eval_key, ckpt=ckpt, track=track)
 
 
-def run_epoch(run: Run, images, labels, perm, *, progress: Callable[[int], None] | None = None,
+def run_epoch(specs: dict[int, step_lib.StepSpec], calls: list[int], state: TrainState, images, labels, perm,
+              hyper: step_lib.StepHyper, *, progress: Callable[[int], None] | None = None,
               progress_due: Callable[[], bool] | None = None) -> tuple[TrainState, dict[str, float]]:
-  """Runs one epoch as ``train_steps(run.specs[k], …)`` for each ``k`` in ``run.calls``; returns the new state and
-  the epoch's metric sums as floats (one device→host copy).
+  """Runs one epoch as ``train_steps(specs[k], state, images, labels, perm, hyper)`` for each ``k`` in ``calls``
+  (:func:`epoch_calls`); returns the new state and the epoch's metric sums as floats (one device→host copy).
 
   The host keeps at most :data:`arreg_jax.sharding.MAX_IN_FLIGHT` calls in flight (:class:`~arreg_jax.sharding.
   DispatchWindow`): on several XLA:CPU devices a host that runs 32 programs ahead deadlocks the next all-reduce.
   When ``progress_due()`` says so at a dispatch boundary, the host waits for the oldest call in flight (the newer
   ones stay queued, so the devices never idle) and calls ``progress(steps finished)``; no other host sync happens.
   """
-  state, total = run.state, sum(run.calls)
+  total = sum(calls)
   window = sharding.DispatchWindow()
   sums, done = None, 0
-  for k in run.calls:
-    state, m = step_lib.train_steps(run.specs[k], state, images, labels, perm, run.hyper)
+  for k in calls:
+    state, m = step_lib.train_steps(specs[k], state, images, labels, perm, hyper)
     sums = m if sums is None else step_lib.add_metrics(sums, m)
     done += k
     window.push(sums, tag=done)
@@ -212,7 +213,7 @@ def train_epoch(run: Run, data: DeviceData, epoch: int, writer: MetricsWriter, r
                            out_sharding=sharding.replicated(run.mesh))
   with relay.to(inside):
     run.state, sums = run_epoch(
-        run, data.train_images, data.train_labels, perm,
+        run.specs, run.calls, run.state, data.train_images, data.train_labels, perm, run.hyper,
         progress=lambda done: writer.progress(epoch, done, run.steps_per_epoch, done * batch),
         progress_due=writer.progress_due)
   if run.clip is not None and epoch % run.config.spectral.every_epochs == 0:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from arreg_jax import spectral
 from arreg_jax.analysis.margin_tracking import feature_space_margins  # noqa: F401  (moved there; still public here)
+from arreg_jax.attacks import losses
 
 PyTree = Any
 HEAD = 'head'  # every model in arreg_jax.models names its last (classification) layer 'head'
@@ -101,7 +102,8 @@ def effective_head(variables: dict) -> tuple[jax.Array, jax.Array | None]:
 
 
 def class_margins(features: jax.Array, last_w: jax.Array, labels: jax.Array) -> jax.Array:
-  """``min_{k≠y} (w_y − w_k)ᵀ Φ(x)`` per example (no bias); float32 ``(B,)``.
+  """``min_{k≠y} (w_y − w_k)ᵀ Φ(x)`` per example (no bias); float32 ``(B,)``: the margin of
+  :func:`arreg_jax.attacks.losses.margin` on the class scores ``w_kᵀΦ(x)``.
 
   Args:
     features: ``Φ(x)``, ``(B, d)``.
@@ -112,10 +114,7 @@ def class_margins(features: jax.Array, last_w: jax.Array, labels: jax.Array) -> 
   chex.assert_equal_shape_prefix([features, labels], 1)
   chex.assert_equal(features.shape[1], last_w.shape[0])
   scores = features.astype(jnp.float32) @ last_w.astype(jnp.float32)  # (B, K): w_kᵀΦ
-  is_y = jax.nn.one_hot(labels, scores.shape[-1], dtype=jnp.bool_)
-  s_y = jnp.sum(jnp.where(is_y, scores, 0.0), axis=-1)
-  s_other = jnp.max(jnp.where(is_y, -jnp.inf, scores), axis=-1)
-  return s_y - s_other
+  return losses.margin(scores, labels)  # s_y − max_{k≠y} s_k
 
 
 def margin_term(features: jax.Array, last_w: jax.Array, labels: jax.Array, gamma: float) -> jax.Array:

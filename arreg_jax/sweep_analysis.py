@@ -11,7 +11,7 @@ The kernels are in :mod:`arreg_jax.analysis`; this module runs them over a sweep
    ``analysis.loss_variation_split = 'train_correct'``, on the correctly classified examples among the first
    training examples, counting only perturbed points still classified correctly (draft 003, Fig. 3);
 4. PGD accuracy over the clean-correct test examples: taken from the run's ``final.json`` (computed by
-   ``evaluation.make_eval_step`` over the whole test set at the end of training), recomputed only when absent;
+   ``training.eval_step.make_eval_step`` over the whole test set at the end of training), recomputed only when absent;
 5. the instance-space margin v_min (:mod:`decision_boundary`, on a subset of training examples) and the terms of
    Theorem 3.1 (:mod:`generalization_bound`).
 
@@ -38,7 +38,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from arreg_jax import configuration, distributed, evaluation, models, restore, rundir, sharding, spectral
+from arreg_jax import configuration, distributed, models, rundir, sharding, spectral
+from arreg_jax.training import checkpoints, eval_step
 from arreg_jax import sweep as sweep_lib
 from arreg_jax.analysis import decision_boundary, distributions, generalization_bound, margins, robustness
 from arreg_jax.analysis import singular_values, smoothness
@@ -192,7 +193,7 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
   """Analyzes one finished run; writes ``analysis.json`` and ``per_example.npz`` into it and returns the former."""
   t_start = time.time()
   mesh = mesh or sharding.make_mesh()
-  config, raw_cfg = restore.run_config(run_dir)
+  config, raw_cfg = checkpoints.run_config(run_dir)
   configuration.validate(config)
   s = settings_of(config)
   out_path = os.path.join(run_dir, rundir.ANALYSIS)
@@ -202,7 +203,7 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
     if old.get('settings') == rundir.json_safe(s) and old.get('final_row') == rundir.json_safe(final.get('row')):
       logging.info('%s: analysis.json is up to date', run_dir)
       return old
-  config, module, variables, ds, epoch = restore.restore_run(run_dir)
+  config, module, variables, ds, epoch = checkpoints.restore_run(run_dir)
   variables = models.fold_spectral_norm(variables)  # SN models: analyze the kernels the forward pass applies
   strength = float(raw_cfg['strength'])
   timing = {'restore_s': time.time() - t_start}
@@ -226,16 +227,14 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
   timing['loss_variation_s'] = time.time() - t
 
   if 'pgd_acc' in final.get('test', {}):
-    pgd = {'pgd_acc': final['test']['pgd_acc'], 'source': 'final.json (evaluation.make_eval_step, whole test set)',
+    pgd = {'pgd_acc': final['test']['pgd_acc'], 'source': 'final.json (training.eval_step.make_eval_step, whole test set)',
            'eps': float(config.eval.pgd_eps), 'steps': int(config.eval.pgd_steps)}
   else:
     t = time.time()
-    pgd_cfg = ml_collections.ConfigDict({'eps': config.eval.pgd_eps, 'step_size': config.eval.pgd_step_size,
-                                         'steps': config.eval.pgd_steps})
-    step = evaluation.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=pgd_cfg)
-    res = evaluation.evaluate(step, variables, ds.test_images, ds.test_labels, batch_size=s['batch_size'],
-                         key=jax.random.key(config.seed), limit=s['max_test_examples'], mesh=mesh)
-    pgd = {'pgd_acc': res['pgd_acc'], 'source': 'recomputed by the analysis (evaluation.make_eval_step)',
+    step = eval_step.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=eval_step.pgd_spec(config))
+    res = eval_step.evaluate(step, variables, ds.test_images, ds.test_labels, batch_size=s['batch_size'],
+                             key=jax.random.key(config.seed), limit=s['max_test_examples'], mesh=mesh)
+    pgd = {'pgd_acc': res['pgd_acc'], 'source': 'recomputed by the analysis (training.eval_step.make_eval_step)',
            'eps': float(config.eval.pgd_eps), 'steps': int(config.eval.pgd_steps)}
     timing['pgd_s'] = time.time() - t
 

@@ -56,7 +56,7 @@ class Training:
   variables: dict
   state: Any
   hyper: Any
-  multi_steps: dict  # steps per call -> program(state, images, labels, perm, hyper) -> (state, metric sums)
+  multi_steps: dict  # steps per call -> the StepSpec of training.step.train_steps with that many steps
   calls: list  # steps per dispatch over one epoch
   microbatches: int
   program: Any  # the ahead-of-time compiled program of calls[0] steps (its memory figures)
@@ -85,9 +85,10 @@ def place(tree, mesh):
 def build_training(config, strength: float, images, labels, *, num_classes: int, augment_kind: str, mesh,
                    seed: int = 0) -> Training:
   """The training programs of one member of ``config`` at AR ``strength`` over the resident ``images`` (uint8) and
-  ``labels``: model, optimizer, state, step hyper-parameters and the memory-planned multi-step program, as
-  ``arreg_jax.programs.build`` makes them (its evaluation programs left out)."""
-  from arreg_jax import memory_plan, models, programs, sharding, train  # pylint: disable=g-import-not-at-top
+  ``labels``: model, optimizer, state, step hyper-parameters and the memory-planned step specs, as
+  ``arreg_jax.training.loop.build_run`` makes them (its evaluation programs left out)."""
+  from arreg_jax import models, sharding  # pylint: disable=g-import-not-at-top
+  from arreg_jax.training import loop, memory_plan, state as state_lib, step  # pylint: disable=g-import-not-at-top
   batch = int(config.train.batch_size)
   num_train = int(images.shape[0])
   if not 1 <= batch <= num_train:
@@ -95,37 +96,42 @@ def build_training(config, strength: float, images, labels, *, num_classes: int,
   module = model_module(config.model.name, num_classes, config.precision)
   _, variables = models.create(config.model.name, num_classes=num_classes, key=jax.random.key(seed))
   steps_per_epoch = num_train // batch
-  tx = train.make_optimizer(config.train, steps_per_epoch)
-  state = place(train.init_state(variables, tx), mesh)
-  hyper = place(train.step_hyper(config, strength, jax.random.key(seed + 1)), mesh)
-  calls = programs.epoch_calls(steps_per_epoch, config.train.steps_per_call)
-  kw = dict(config=config, adversarial=train.is_adversarial(config, strength), augment_kind=augment_kind,
-            steps_per_epoch=steps_per_epoch, batch_size=batch, batch_sharding=sharding.batch_sharding(mesh))
-  make = lambda n, k: train.make_multi_step(module, tx, steps_per_call=n, microbatches=k, **kw)
+  calls = loop.epoch_calls(steps_per_epoch, config.train.steps_per_call)
+  spec_of = lambda k: step.step_spec(
+      config, module=module, adversarial=step.is_adversarial(config, strength), augment=augment_kind,
+      steps_per_epoch=steps_per_epoch, batch_sharding=sharding.batch_sharding(mesh), steps_per_call=calls[0],
+      microbatches=k)
+  state = place(state_lib.init_state(variables, spec_of(1).optimizer), mesh)
+  hyper = place(step.step_hyper(config, strength, jax.random.key(seed + 1)), mesh)
   t0 = time.perf_counter()
-  k, program = memory_plan.plan_training(config, make, calls[0], state, hyper, images, labels, mesh, 'gpu_suite')
+  spec = memory_plan.plan_training(spec_of, config.train.microbatches, state, hyper, images, labels, mesh,
+                                   'gpu_suite')
+  perm = jax.ShapeDtypeStruct((num_train,), jnp.int32, sharding=sharding.replicated(mesh))
+  program = step.train_steps.lower(spec, state, images, labels, perm, hyper).compile()  # jit's cache: no new compile
   compile_s = time.perf_counter() - t0
-  multi_steps = {n: program if n == calls[0] else make(n, k) for n in set(calls)}
-  return Training(module=module, variables=variables, state=state, hyper=hyper, multi_steps=multi_steps, calls=calls,
-                  microbatches=k, program=program, steps_per_epoch=steps_per_epoch, compile_s=compile_s)
+  specs = {n: spec.replace(steps_per_call=n) for n in set(calls)}
+  return Training(module=module, variables=variables, state=state, hyper=hyper, multi_steps=specs, calls=calls,
+                  microbatches=spec.microbatches, program=program, steps_per_epoch=steps_per_epoch,
+                  compile_s=compile_s)
 
 
 def run_training_epoch(t: Training, images, labels, perm) -> dict[str, float]:
   """One epoch of ``t``'s programs, as a run's epoch loop dispatches them; updates ``t.state``, returns the sums."""
-  from arreg_jax import train  # pylint: disable=g-import-not-at-top
-  t.state, sums = train.run_epoch(t.multi_steps, t.calls, t.state, images, labels, perm, t.hyper)
+  from arreg_jax.training import loop  # pylint: disable=g-import-not-at-top
+  t.state, sums = loop.run_epoch(t.multi_steps, t.calls, t.state, images, labels, perm, t.hyper)
   return sums
 
 
 def run_training_call(t: Training, n: int, images, labels, perm) -> dict:
   """One call of the ``n``-step program (blocks until done); updates ``t.state``, returns its metric sums."""
-  t.state, sums = t.multi_steps[n](t.state, images, labels, perm, t.hyper)
+  from arreg_jax.training import step  # pylint: disable=g-import-not-at-top
+  t.state, sums = step.train_steps(t.multi_steps[n], t.state, images, labels, perm, t.hyper)
   return jax.device_get(sums)
 
 
 def memory_figures(program) -> dict[str, Any]:
   """The memory plan's view of a compiled program (per device) and the device's free memory, in bytes."""
-  from arreg_jax import memory_plan  # pylint: disable=g-import-not-at-top
+  from arreg_jax.training import memory_plan  # pylint: disable=g-import-not-at-top
   fp = memory_plan.footprint(program)
   out = {'free_bytes': memory_plan.free_bytes(), 'safety': memory_plan.SAFETY}
   if fp is not None:

@@ -298,7 +298,7 @@ import sys
 import arreg_jax.adapters, arreg_jax.attacks, arreg_jax.models, arreg_jax.spectral
 from arreg_jax.analysis import (decision_boundary, distributions, generalization_bound, inputs, margin_tracking,
                                 margins, robustness, singular_values, smoothness)
-runner = ('analyze', 'checkpoint', 'cli', 'config_json', 'configuration', 'data', 'distributed', 'epoch_margins',
+runner = ('analyze', 'checkpoint', 'cli', 'config_json', 'configuration', 'data', 'distributed',
           'evaluation', 'host_devices', 'main', 'memory_plan', 'metrics_writer', 'presets', 'programs',
           'regularizers', 'report', 'restore', 'rundir', 'sweep', 'sweep_analysis', 'train', 'trainer', 'training')
 print(sorted(m for m in sys.modules if m.startswith('arreg_jax.') and m.split('.')[1] in runner))

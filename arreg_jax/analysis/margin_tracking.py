@@ -13,7 +13,7 @@ model in inference mode:
 Both are signed (negative when misclassified); the minimum is over all examples of the split, so it is negative
 while any training example is misclassified. :func:`per_example` is the pure batch kernel, :func:`summarize` the
 split's row (``<split>_margin_min``, ``_margin_mean``, ``_fmargin_min``, ``_fmargin_mean``, ``_margin_acc``). Running
-them every epoch over the runner's datasets is ``arreg_jax.epoch_margins``.
+them every epoch over the runner's datasets is ``arreg_jax.training.epoch_margins``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Per-epoch margin tracking of a training run (poster 004; ``config.margins.track``): the library's margins on the
 runner's data.
 
-The trainer calls :func:`track` after every epoch on the clean train and test sets: the uint8 images are turned into
+The training loop calls :func:`track` after every epoch on the clean train and test sets: the uint8 images are turned into
 model inputs inside the compiled program (``data.augment.preprocess``, the test transform), the model returns its
 logits and penultimate features (``models.apply_with_features``), and :mod:`arreg_jax.analysis.margin_tracking`
 computes the logit and feature-space margins with the last layer as applied (``regularizers.effective_head``).

@@ -17,6 +17,7 @@ Open MPI; elsewhere give all three (the coordinator is ``host:port`` of process 
 from __future__ import annotations
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
 from arreg_jax.errors import ConfigError
@@ -42,3 +43,10 @@ def initialize(cfg: ml_collections.ConfigDict) -> None:
 def is_main_process() -> bool:
   """True in the process that writes the run's files and prints progress (process 0; always true on one host)."""
   return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier ``name`` (a no-op with one process): the files process 0
+  wrote before it are then there for every process to read (e.g. ``final.json``, which marks a run finished)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

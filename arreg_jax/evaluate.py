@@ -1,7 +1,7 @@
 """Command-line AutoAttack evaluation of trained runs: ``python -m arreg_jax.evaluate --workdir RUN_OR_SWEEP``.
 
 Restores each finished run (``--workdir`` is one run directory, or a sweep directory holding several) from its last
-checkpoint (:func:`arreg_jax.restore.restore_run`), takes its test set through the run's test transform, and runs
+checkpoint (:func:`arreg_jax.training.checkpoints.restore_run`), takes its test set through the run's test transform, and runs
 :class:`arreg_jax.attacks.AutoAttack` on it — the authors' standard version by default, L∞ at the run's robustness ε
 (``config.eval.robustness.eps``, else ``config.eval.pgd_eps``) — printing the same lines as the library (initial
 accuracy, a progress line per batch, the robust accuracy after each stage) and a table for the sweep at the end.
@@ -20,32 +20,36 @@ from __future__ import annotations
 import os
 import types
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
-from arreg_jax import attacks, distributed, host_devices, models, restore, rundir
-from arreg_jax.cli import fail, quiet_orbax
+from arreg_jax import attacks, cli, distributed, host_devices, models, rundir
 from arreg_jax.data import augment
-from arreg_jax.errors import ArregError
+from arreg_jax.errors import ArregError, ConfigError
+from arreg_jax.training import checkpoints
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A run directory, or a sweep directory of runs, written by arreg_jax.main.')
-flags.DEFINE_string('eps', None, "The radius, e.g. 0.3 or 8/255 (default: the run's config.eval.robustness.eps, "
-                    'else config.eval.pgd_eps).')
-flags.DEFINE_string('norm', 'Linf', "'Linf' or 'L2'.")
-flags.DEFINE_string('version', 'standard', "'standard', 'plus' or 'custom' (with --attacks).")
-flags.DEFINE_list('attacks', [], "The stages of --version=custom, e.g. apgd-ce,fab-t.")
-flags.DEFINE_integer('examples', None, 'Evaluate the first N test examples (default: all).')
-flags.DEFINE_integer('bs', 250, 'Batch size of the compiled programs (rounded to the device count).')
-flags.DEFINE_integer('seed', 0, 'Random seed of the evaluation.')
-flags.DEFINE_integer('steps', 100, 'APGD and FAB iterations (100: the authors).')
-flags.DEFINE_integer('n_targets', 9, 'APGD-T and FAB-T targets (9: the authors; at most classes - 1).')
-flags.DEFINE_integer('queries', 5000, 'Square Attack queries (5000: the authors).')
-flags.DEFINE_string('json', None, 'Where to write the result of a single run (default RUN/autoattack.json).')
-flags.DEFINE_string('cpu_devices', 'auto', "XLA:CPU devices on a CPU-only host: 'auto' (one per core) or N.")
-flags.mark_flags_as_required(['workdir'])
+
+
+def define_flags() -> None:
+  """Defines the command line's flags (at start-up, not at import: ``arreg_jax.main`` has a ``--workdir`` too)."""
+  flags.DEFINE_string('workdir', None, 'A run directory, or a sweep directory of runs, written by arreg_jax.main.')
+  flags.DEFINE_string('eps', None, "The radius, e.g. 0.3 or 8/255 (default: the run's config.eval.robustness.eps, "
+                      'else config.eval.pgd_eps).')
+  flags.DEFINE_string('norm', 'Linf', "'Linf' or 'L2'.")
+  flags.DEFINE_string('version', 'standard', "'standard', 'plus' or 'custom' (with --attacks).")
+  flags.DEFINE_list('attacks', [], "The stages of --version=custom, e.g. apgd-ce,fab-t.")
+  flags.DEFINE_integer('examples', None, 'Evaluate the first N test examples (default: all).')
+  flags.DEFINE_integer('bs', 250, 'Batch size of the compiled programs (rounded to the device count).')
+  flags.DEFINE_integer('seed', 0, 'Random seed of the evaluation.')
+  flags.DEFINE_integer('steps', 100, 'APGD and FAB iterations (100: the authors).')
+  flags.DEFINE_integer('n_targets', 9, 'APGD-T and FAB-T targets (9: the authors; at most classes - 1).')
+  flags.DEFINE_integer('queries', 5000, 'Square Attack queries (5000: the authors).')
+  flags.DEFINE_string('json', None, 'Where to write the result of a single run (default RUN/autoattack.json).')
+  flags.DEFINE_string('cpu_devices', 'auto', "XLA:CPU devices on a CPU-only host: 'auto' (one per core) or N.")
+  flags.mark_flags_as_required(['workdir'])
+
 
 RESULT = 'autoattack.json'
 
@@ -82,7 +86,7 @@ def run_dirs(workdir: str) -> list[str]:
 def evaluate_run(run_dir: str, *, eps: float | None, norm: str, version: str, attacks_to_run, examples, bs, seed,
                  steps, n_targets, queries, json_path: str | None) -> attacks.AutoAttackResult:
   """AutoAttack on one run's test set; writes and returns its result."""
-  config, module, variables, ds, epoch = restore.restore_run(run_dir)
+  config, module, variables, ds, epoch = checkpoints.restore_run(run_dir)
   if eps is None:
     eps = float(config.eval.robustness.eps if config.eval.robustness.eps is not None else config.eval.pgd_eps)
   n = min(examples or ds.num_test, ds.num_test)
@@ -102,13 +106,13 @@ def evaluate_run(run_dir: str, *, eps: float | None, norm: str, version: str, at
 
 def main(argv):
   if len(argv) > 1:
-    fail(f'unexpected arguments: {" ".join(argv[1:])}. Usage: python -m arreg_jax.evaluate --workdir DIR '
-         '[--eps 8/255] [--version standard]')
+    raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])}. Usage: python -m arreg_jax.evaluate '
+                      '--workdir DIR [--eps 8/255] [--version standard]')
   cpu_devices = FLAGS.cpu_devices.strip().lower()
   if cpu_devices != 'auto' and not (cpu_devices.isdigit() and int(cpu_devices) >= 1):
-    fail(f"--cpu_devices must be 'auto' or an integer >= 1, got {FLAGS.cpu_devices!r}")
+    raise ConfigError(f"--cpu_devices must be 'auto' or an integer >= 1, got {FLAGS.cpu_devices!r}")
   host_devices.use_every_cpu_core('auto' if cpu_devices == 'auto' else int(cpu_devices))
-  quiet_orbax()
+  cli.quiet_orbax()
   try:
     runs = run_dirs(FLAGS.workdir)
     if FLAGS.json and len(runs) > 1:
@@ -120,8 +124,8 @@ def main(argv):
           run, eps=eps, norm=FLAGS.norm, version=FLAGS.version, attacks_to_run=FLAGS.attacks,
           examples=FLAGS.examples, bs=FLAGS.bs, seed=FLAGS.seed, steps=FLAGS.steps, n_targets=FLAGS.n_targets,
           queries=FLAGS.queries, json_path=FLAGS.json)
-  except (ArregError, ValueError, TypeError) as e:
-    fail(str(e))
+  except (ValueError, TypeError) as e:  # the library's checks of ε, norm, version and the data
+    raise ConfigError(str(e)) from e
   if distributed.is_main_process():
     print(_table(results), flush=True)
 
@@ -136,9 +140,11 @@ def _table(results: dict[str, attacks.AutoAttackResult]) -> str:
   return '\n'.join(['robust accuracy (%) after each stage:', fmt(head)] + [fmt(r) for r in rows])
 
 
-def cli() -> None:
-  app.run(main)
+def cli_main() -> None:
+  """The program: defines the flags, runs :func:`main`, and ends the process (:func:`arreg_jax.cli.run`)."""
+  define_flags()
+  cli.run(main, on_interrupt='nothing is lost: run the same command again (each result file is written whole)')
 
 
 if __name__ == '__main__':
-  cli()
+  cli_main()

@@ -7,11 +7,12 @@ accelerators (:mod:`arreg_jax.sharding`). :func:`use_every_cpu_core` does that b
     from arreg_jax import host_devices
     host_devices.use_every_cpu_core()          # or use_every_cpu_core(4); then use JAX as usual
 
-It appends ``--xla_force_host_platform_device_count=N`` to ``XLA_FLAGS``, which only affects the CPU platform, and
-does nothing when the user already set that flag, when ``JAX_PLATFORMS`` names another platform first, when a
-GPU/TPU plugin is installed (its devices are then the ones to use) or when the backend has already started (the
-device count is fixed then). ``python -m arreg_jax.main --cpu_devices=auto|N`` and ``python -m arreg_jax.analyze``
-call it at start-up.
+It sets JAX's public option ``jax_num_cpu_devices`` (``jax.config.update``), which only affects the CPU platform, and
+does nothing when the user already chose the CPU device count (``--xla_force_host_platform_device_count`` in
+``XLA_FLAGS``, the ``JAX_NUM_CPU_DEVICES`` variable, or ``jax_num_cpu_devices`` set earlier), when ``JAX_PLATFORMS``
+names another platform first, when a GPU/TPU plugin is installed (its devices are then the ones to use) or when the
+backend has already started (JAX refuses the option then, and the device count stays as it is).
+``python -m arreg_jax.main --cpu_devices=auto|N`` and ``python -m arreg_jax.analyze`` call it at start-up.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pkgutil
 from absl import logging
 
 FLAG = '--xla_force_host_platform_device_count'
+OPTION = 'jax_num_cpu_devices'
 _ACCELERATOR_MODULES = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin', 'jax_rocm7_plugin')
 
 
@@ -50,28 +52,43 @@ def _accelerator_reason() -> str | None:
   return f'the PJRT plugin {plugins[0]} is installed' if plugins else None
 
 
+def _user_choice(jax) -> str | None:
+  """Where the user already chose the CPU device count, or None."""
+  if FLAG in os.environ.get('XLA_FLAGS', ''):
+    return f'XLA_FLAGS holds {FLAG}'
+  if os.environ.get('JAX_NUM_CPU_DEVICES', '').strip():
+    return 'JAX_NUM_CPU_DEVICES is set'
+  if getattr(jax.config, OPTION) >= 0:
+    return f'{OPTION} is already set'
+  return None
+
+
 def use_every_cpu_core(num_devices: int | str = 'auto') -> int | None:
   """Gives XLA:CPU ``num_devices`` devices (``'auto'``: one per core) if JAX will run on the CPU.
 
   Call it before the first JAX computation (``import jax`` alone is fine). Returns the device count it set, or
-  None when it changed nothing: ``XLA_FLAGS`` already holds ``--xla_force_host_platform_device_count``, JAX will run
-  on an accelerator (``JAX_PLATFORMS`` names one first, or a CUDA/ROCm/TPU plugin is installed), or the backend has
-  already started. ``num_devices`` is ``'auto'`` or an integer ≥ 1 (1: XLA's default of one device).
+  None when it changed nothing: the user already chose the count (``XLA_FLAGS`` holds
+  ``--xla_force_host_platform_device_count``, ``JAX_NUM_CPU_DEVICES`` is set, or ``jax_num_cpu_devices`` was set
+  before), JAX will run on an accelerator (``JAX_PLATFORMS`` names one first, or a CUDA/ROCm/TPU plugin is
+  installed), or the backend has already started (logged as a warning). ``num_devices`` is ``'auto'`` or an integer
+  ≥ 1 (1: XLA's default of one device).
   """
   if num_devices != 'auto' and (isinstance(num_devices, bool) or not isinstance(num_devices, int)
                                 or num_devices < 1):
     raise ValueError(f"num_devices must be 'auto' or an integer >= 1, got {num_devices!r}")
-  xla_flags = os.environ.get('XLA_FLAGS', '')
-  if FLAG in xla_flags:
+  import jax  # pylint: disable=g-import-not-at-top  (importing jax does not start its backend)
+  chosen = _user_choice(jax)
+  if chosen:
+    logging.info('use_every_cpu_core: the CPU device count is the user\'s (%s)', chosen)
     return None
   reason = _accelerator_reason()
   if reason:
     logging.info('use_every_cpu_core: not splitting the CPU into devices (%s)', reason)
     return None
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  if xla_bridge.backends_are_initialized():
+  n = cpu_cores() if num_devices == 'auto' else int(num_devices)
+  try:
+    jax.config.update(OPTION, n)
+  except RuntimeError:  # JAX refuses the option once a backend has started
     logging.warning('use_every_cpu_core: the JAX backend has already started; the CPU device count stays as it is')
     return None
-  n = cpu_cores() if num_devices == 'auto' else int(num_devices)
-  os.environ['XLA_FLAGS'] = f'{xla_flags} {FLAG}={n}'.strip()
   return n

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from arreg_jax import spectral
+from arreg_jax.analysis.margin_tracking import feature_space_margins  # noqa: F401  (moved there; still public here)
+from arreg_jax.attacks import losses
 
 PyTree = Any
 HEAD = 'head'  # every model in arreg_jax.models names its last (classification) layer 'head'
@@ -100,7 +102,8 @@ def effective_head(variables: dict) -> tuple[jax.Array, jax.Array | None]:
 
 
 def class_margins(features: jax.Array, last_w: jax.Array, labels: jax.Array) -> jax.Array:
-  """``min_{k≠y} (w_y − w_k)ᵀ Φ(x)`` per example (no bias); float32 ``(B,)``.
+  """``min_{k≠y} (w_y − w_k)ᵀ Φ(x)`` per example (no bias); float32 ``(B,)``: the margin of
+  :func:`arreg_jax.attacks.losses.margin` on the class scores ``w_kᵀΦ(x)``.
 
   Args:
     features: ``Φ(x)``, ``(B, d)``.
@@ -111,10 +114,7 @@ def class_margins(features: jax.Array, last_w: jax.Array, labels: jax.Array) -> 
   chex.assert_equal_shape_prefix([features, labels], 1)
   chex.assert_equal(features.shape[1], last_w.shape[0])
   scores = features.astype(jnp.float32) @ last_w.astype(jnp.float32)  # (B, K): w_kᵀΦ
-  is_y = jax.nn.one_hot(labels, scores.shape[-1], dtype=jnp.bool_)
-  s_y = jnp.sum(jnp.where(is_y, scores, 0.0), axis=-1)
-  s_other = jnp.max(jnp.where(is_y, -jnp.inf, scores), axis=-1)
-  return s_y - s_other
+  return losses.margin(scores, labels)  # s_y − max_{k≠y} s_k
 
 
 def margin_term(features: jax.Array, last_w: jax.Array, labels: jax.Array, gamma: float) -> jax.Array:
@@ -157,31 +157,3 @@ def regularized_loss(ce: jax.Array, features: jax.Array | None, params: PyTree, 
     parts['ortho'] = orthogonality_penalty(params)
     loss = loss + ortho_beta * parts['ortho']
   return loss, parts
-
-
-def feature_space_margins(features: jax.Array, last_w: jax.Array, last_b: jax.Array | None,
-                          labels: jax.Array) -> jax.Array:
-  """The signed distance of ``Φ(x)`` to the decision boundary of the last layer; float32 ``(B,)``.
-
-  ``min_{k≠y} (f_y − f_k) / ‖w_y − w_k‖`` with ``f = W Φ + b``: the margin the poster tracks for deep models
-  (``(w_y − w_k)ᵀΦ(x)/‖w_y − w_k‖``, its approximation of the input-space margin) with the last layer's bias included,
-  so that for a linear model (``Φ(x) = x``) it is exactly the poster's margin ``sign · d(x, bd F_y)``. Positive
-  iff ``x`` is classified correctly. A class pair with ``w_y = w_k`` counts as distance 0 (``±0`` logit gap) unless
-  its logit gap is nonzero, where it is ``±inf``.
-  """
-  chex.assert_rank([features, last_w, labels], [2, 2, 1])
-  w = last_w.astype(jnp.float32)
-  logits = features.astype(jnp.float32) @ w
-  if last_b is not None:
-    logits = logits + last_b.astype(jnp.float32)
-  k = w.shape[1]
-  is_y = jax.nn.one_hot(labels, k, dtype=jnp.bool_)
-  f_y = jnp.sum(jnp.where(is_y, logits, 0.0), axis=-1, keepdims=True)
-  w_y = w.T[labels]                                                   # (B, d)
-  # ‖w_y − w_k‖² = ‖w_y‖² − 2 w_yᵀw_k + ‖w_k‖², without materializing (B, K, d).
-  sq = jnp.sum(w * w, axis=0)                                        # (K,)
-  dist2 = sq[labels][:, None] - 2.0 * (w_y @ w) + sq[None, :]
-  norm = jnp.sqrt(jnp.maximum(dist2, 0.0))
-  gap = f_y - logits
-  ratio = jnp.where(norm > 0, gap / jnp.where(norm > 0, norm, 1.0), jnp.where(gap == 0, 0.0, jnp.sign(gap) * jnp.inf))
-  return jnp.min(jnp.where(is_y, jnp.inf, ratio), axis=-1)

@@ -17,7 +17,8 @@ Layout of a sweep directory (``--workdir``)::
 
 Every write is atomic (a temporary file in the same directory, flushed to disk, then ``os.replace``): a reader, a
 crash or a full disk never leaves a half-written file under a final name, and a write that fails leaves the
-previous version intact and raises :class:`arreg_jax.errors.OutputError` naming the file. Files other than
+previous version intact and raises :class:`arreg_jax.errors.OutputError` naming the file; a file that cannot be read
+back raises :class:`arreg_jax.errors.DataError` naming it and what to do. Files other than
 checkpoints come from process 0 only (``distributed.is_main_process``). This module imports nothing of the package
 but :mod:`arreg_jax.errors` and :mod:`arreg_jax.distributed`.
 """
@@ -30,10 +31,11 @@ import os
 import tempfile
 from typing import Any, Callable, IO
 
+from absl import logging
 import numpy as np
 
 from arreg_jax import distributed
-from arreg_jax.errors import OutputError
+from arreg_jax.errors import DataError, OutputError
 
 CONFIG = 'config.json'
 SUMMARY = 'summary.json'
@@ -116,17 +118,41 @@ def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda f: np.savez_compressed(f, **arrays), binary=True)
 
 
+# What to do when a file of the run directory cannot be read (by its name): the fix in its one-line error.
+_REPAIRS = {
+    CONFIG: 'delete it and run the same command again (it is written again from --config; the runs keep their '
+            'checkpoints), or choose another --workdir',
+    SUMMARY: "delete it and run the training command again (it is rebuilt from every run's final.json)",
+    FINAL: 'delete it and run the training command again (the run is evaluated again from its last checkpoint)',
+    ANALYSIS: 'delete it and run python -m arreg_jax.analyze --workdir DIR on the sweep again',
+    METRICS: 'delete its damaged lines (one JSON object a line) or the file, and run the same command again',
+}
+
+
+def _damaged(path: str, e: Exception) -> DataError:
+  repair = _REPAIRS.get(os.path.basename(path), 'restore it from a copy or delete it')
+  reason = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+  return DataError(f'{path} is damaged (not valid JSON: {reason}); {repair}')
+
+
 def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  """The JSON value in ``path``; a damaged file raises :class:`DataError` naming it and the fix."""
+  with open(path, encoding='utf-8') as f:
+    try:
+      return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+      raise _damaged(path, e) from None
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """The rows of a JSON-lines file ([] if it does not exist)."""
+  """The rows of a JSON-lines file ([] if it does not exist); a damaged line raises :class:`DataError`."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, encoding='utf-8') as f:
+    try:
+      return [json.loads(line) for line in f if line.strip()]
+    except (ValueError, UnicodeDecodeError) as e:
+      raise _damaged(path, e) from None
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
@@ -165,7 +191,8 @@ def run_dirs(workdir: str) -> list[tuple[str, dict]]:
       continue
     try:
       cfg = read_json(cfg_path)
-    except (OSError, ValueError):
+    except OSError as e:  # a damaged config.json (DataError) or an unreadable one: not a run we can use
+      logging.warning('%s: not a run (%s)', path, e)
       continue
     if isinstance(cfg, dict) and 'strength' in cfg:
       out.append((path, cfg))

@@ -82,17 +82,37 @@ def check_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
 class DispatchWindow:
   """Keeps at most ``size`` dispatched programs in flight: :meth:`push` each program's output; when more than
   ``size`` are pending, it waits for the oldest (see the module docstring for why; multi-device programs run one at a
-  time in dispatch order, so once the oldest is done so is everything dispatched before it)."""
+  time in dispatch order, so once the oldest is done so is everything dispatched before it).
+
+  Each pushed output may carry a ``tag`` (e.g. the steps done once it has finished): after a :meth:`push`,
+  :attr:`finished` is the tag of the newest output that push waited for (None: it waited for none), and
+  :meth:`wait_oldest` waits for the oldest pending one on demand (for a progress line).
+  """
 
   def __init__(self, size: int = MAX_IN_FLIGHT):
-    self.size = int(size)
-    self._pending: collections.deque = collections.deque()
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+      raise ValueError(f'size must be an int >= 1, got {size!r}')
+    self.size = size
+    self._pending: collections.deque = collections.deque()  # (tag, outputs), oldest first
+    self.finished: Any = None
 
-  def push(self, outputs: Any) -> Any:
-    self._pending.append(outputs)
+  def __len__(self) -> int:
+    return len(self._pending)
+
+  def push(self, outputs: Any, tag: Any = None) -> Any:
+    """Records ``outputs`` as in flight, waiting for the oldest while more than ``size`` are; returns ``outputs``."""
+    self._pending.append((tag, outputs))
+    self.finished = None
     while len(self._pending) > self.size:
-      jax.block_until_ready(self._pending.popleft())
+      self.wait_oldest()
     return outputs
+
+  def wait_oldest(self) -> Any:
+    """Waits for the oldest output in flight and returns its tag (also kept in :attr:`finished`)."""
+    tag, outputs = self._pending.popleft()
+    jax.block_until_ready(outputs)
+    self.finished = tag
+    return tag
 
 
 def to_host(tree):
@@ -112,6 +132,17 @@ def even_batch(n: int, max_batch: int, devices: int = 1) -> int:
   return min(max_batch, -(-per_call // devices) * devices)
 
 
+def padded_rows(start, size: int, num_examples: int, stop, *, xp=np):
+  """``(index, valid)`` of one padded batch of a split of ``num_examples`` examples: rows at positions ``start``,
+  …, ``start + size − 1``, wrapping around the split (a padded row repeats an example, so every batch of a split has
+  the same shape: one compiled program), valid where the position is < ``stop``.
+
+  ``xp`` is ``numpy`` for a batch gathered on the host or ``jax.numpy`` inside a program (``start``, ``stop`` traced).
+  """
+  pos = start + xp.arange(size, dtype=np.int32)
+  return pos % num_examples, pos < stop
+
+
 def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
                 mesh: jax.Mesh, limit: int | None = None, extra: tuple = (),
                 batch_key: jax.Array | None = None, fixed_batch: bool = False) -> dict[str, np.ndarray]:
@@ -126,7 +157,7 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
       least one per device); the batch actually used is :func:`even_batch`, so a split is covered with the least
       padding.
     mesh: a mesh from :func:`make_mesh`.
-    limit: analyse only the first ``limit`` examples.
+    limit: analyze only the first ``limit`` examples.
     extra: further (replicated) arguments passed to the kernel after ``mask`` (e.g. a traced ε).
     batch_key: if given, the kernel gets ``key_data(fold_in(batch_key, batch index))`` after ``mask`` (before
       ``extra``; ``jax.random.wrap_key_data`` turns it back into a key).
@@ -140,7 +171,7 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
   n_total = images.shape[0]
   n = n_total if limit is None else min(int(limit), n_total)
   if n == 0:
-    raise ValueError('no examples to analyse')
+    raise ValueError('no examples to analyze')
   if not fixed_batch:
     batch_size = even_batch(n, batch_size, mesh.size)
   rep = replicated(mesh)
@@ -151,8 +182,7 @@ def map_batches(kernel: Kernel, variables: Any, images: np.ndarray, labels: np.n
   outs: list[dict[str, jax.Array]] = []
   window = DispatchWindow()  # never 32 programs in flight (module docstring)
   for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size) % n_total
-    mask = np.arange(start, start + batch_size) < n
+    idx, mask = padded_rows(start, batch_size, n_total, n)
     x, y, m = jax.device_put((images[idx], labels[idx], mask), data)
     keys = ()
     if batch_key is not None:  # as raw key data from the host: placeable on a mesh that spans several processes

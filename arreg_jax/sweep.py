@@ -143,7 +143,3 @@ def find_runs(workdir: str) -> list[RunInfo]:
                   rundir.is_finished(path), cfg) for path, cfg in rundir.run_dirs(workdir)]
   return sorted(runs, key=lambda r: (r.clip is None, r.clip or 0.0, r.strength))
 
-
-def clip_label(clip: float | None) -> str:
-  """``'SP c'`` as in Table 6, or ``'uncontrolled'``."""
-  return 'uncontrolled' if clip is None else f'SP {clip:g}'

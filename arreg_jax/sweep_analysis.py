@@ -1,4 +1,4 @@
-"""Analysing the trained members of a sweep: ``analysis.json`` (+ ``per_example.npz``) in every run directory.
+"""Analyzing the trained members of a sweep: ``analysis.json`` (+ ``per_example.npz``) in every run directory.
 
 The kernels are in :mod:`arreg_jax.analysis`; this module runs them over a sweep directory. For one run
 (:func:`analyze_run`), with the settings of its config's ``analysis`` block (validated by
@@ -11,13 +11,17 @@ The kernels are in :mod:`arreg_jax.analysis`; this module runs them over a sweep
    ``analysis.loss_variation_split = 'train_correct'``, on the correctly classified examples among the first
    training examples, counting only perturbed points still classified correctly (draft 003, Fig. 3);
 4. PGD accuracy over the clean-correct test examples: taken from the run's ``final.json`` (computed by
-   ``evaluation.make_eval_step`` over the whole test set at the end of training), recomputed only when absent;
-5. the instance-space margin v_min (:mod:`boundary`, on a subset of training examples) and the terms of
-   Theorem 3.1 (:mod:`bounds`).
+   ``training.eval_step.make_eval_step`` over the whole test set at the end of training), recomputed only when absent;
+5. the instance-space margin v_min (:mod:`decision_boundary`, on a subset of training examples) and the terms of
+   Theorem 3.1 (:mod:`generalization_bound`).
+
+The analyses are the library's (:mod:`arreg_jax.analysis`, functions of ``(apply_fn, params, images, labels)``);
+this module gives them the run's model in inference mode and its uint8 datasets with the test-time transform
+(``data.augment.preprocess``) as their ``preprocess``, applied inside the compiled programs.
 
 :func:`analyze_sweep` does this for every finished member of a sweep directory (the report is written after it,
 by :mod:`arreg_jax.report.builder`). Analysis files are rewritten atomically. With ``reuse=True`` a run whose
-``analysis.json`` was made from the same checkpoint with the same settings is not analysed again.
+``analysis.json`` was made from the same checkpoint with the same settings is not analyzed again.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from arreg_jax import configuration, distributed, evaluation, models, restore, rundir, sharding
+from arreg_jax import configuration, distributed, models, rundir, sharding, spectral
+from arreg_jax.training import checkpoints, eval_step
 from arreg_jax import sweep as sweep_lib
-from arreg_jax.analysis import boundary, bounds, distributions, margins, robustness, singular_values
-from arreg_jax.analysis import smoothness
+from arreg_jax.analysis import decision_boundary, distributions, generalization_bound, margins, robustness
+from arreg_jax.analysis import singular_values, smoothness
 from arreg_jax.data import augment
 from arreg_jax.errors import ConfigError
 
@@ -86,20 +91,26 @@ def robustness_settings(config: ml_collections.ConfigDict) -> dict[str, Any] | N
           'batch_size': int(r.batch_size if r.batch_size is not None else config.train.batch_size)}
 
 
-def _summary_size(ds, s) -> int:
-  """One padded length for every summary of a sweep (one compiled summary program): a power of two."""
-  n = max(min(ds.num_train, s['max_train_examples'] or ds.num_train),
-          min(ds.num_test, s['max_test_examples'] or ds.num_test))
-  return 1 << max(int(n - 1).bit_length(), 10)
+@functools.lru_cache(maxsize=None)
+def _apply_fn(module):
+  """The run's model in inference mode as ``apply_fn(variables, x)``: one object per module, so the members of a
+  sweep share the compiled analysis programs."""
+  return lambda variables, x: module.apply(variables, x, train=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _preprocess(kind: str):
+  """The test-time transform of the run's uint8 images into model inputs (inside the compiled programs)."""
+  return lambda images: augment.preprocess(None, images, kind=kind, train=False)
 
 
 def _confidence(module, variables, ds, split: str, limit, s, mesh) -> tuple[dict, dict]:
   images = getattr(ds, f'{split}_images')
   labels = getattr(ds, f'{split}_labels')
-  kernel = margins.make_kernel(module, ds.augment)
-  out = sharding.map_batches(kernel, variables, images, labels, batch_size=s['batch_size'], mesh=mesh, limit=limit)
+  out = margins.confidence(_apply_fn(module), variables, images, labels, batch_size=s['batch_size'], mesh=mesh,
+                           limit=limit, preprocess=_preprocess(ds.augment))
   bins = s['bins']
-  summ = functools.partial(distributions.summary_to_json, pad_to=_summary_size(ds, s))
+  summ = distributions.summarize
   summary = {
       'n': int(out['margin'].shape[0]),
       'acc': float(np.mean(out['correct'])),
@@ -118,23 +129,24 @@ def _confidence(module, variables, ds, split: str, limit, s, mesh) -> tuple[dict
 def _loss_variation(module, variables, ds, s, mesh) -> tuple[list[dict], dict]:
   split = s['loss_variation_split']
   correct_only = split == 'train_correct'
-  kernel = smoothness.make_kernel(module, ds.augment, s['loss_variation_steps'], s['loss_variation_step_rel'],
-                                  correct_only)
+  common = dict(mesh=mesh, preprocess=_preprocess(ds.augment))
   if correct_only:  # draft 003, Fig. 3: the correctly classified ones among the first N training examples
     n = min(s['loss_variation_examples'] or ds.num_train, ds.num_train)
-    conf = sharding.map_batches(margins.make_kernel(module, ds.augment), variables, ds.train_images, ds.train_labels,
-                                batch_size=s['batch_size'], mesh=mesh, limit=n)
+    conf = margins.confidence(_apply_fn(module), variables, ds.train_images, ds.train_labels,
+                              batch_size=s['batch_size'], limit=n, **common)
     keep = np.flatnonzero(conf['correct'])
     if keep.size == 0:
       return [], {}
     images, labels, limit = ds.train_images[keep], ds.train_labels[keep], None
   else:
     images, labels, limit = ds.test_images, ds.test_labels, s['loss_variation_examples']
+  increases = smoothness.loss_variation(_apply_fn(module), variables, images, labels, eps=s['loss_variation_eps'],
+                                        steps=s['loss_variation_steps'], step_rel=s['loss_variation_step_rel'],
+                                        max_correct_only=correct_only, batch_size=s['attack_batch_size'],
+                                        limit=limit, **common)
   rows, arrays = [], {}
   for i, eps in enumerate(s['loss_variation_eps']):
-    out = sharding.map_batches(kernel, variables, images, labels, batch_size=s['attack_batch_size'],
-                               mesh=mesh, limit=limit, extra=(np.float32(eps),))
-    inc = out['loss_increase']
+    inc = increases[float(eps)]
     rows.append({'eps': eps, 'eps_255': eps * 255.0, 'mean': float(inc.mean()), 'std': float(inc.std()),
                  'median': float(np.median(inc)), 'max': float(inc.max()), 'n': int(inc.size), 'split': split})
     arrays[f'loss_increase_{i}'] = inc
@@ -143,59 +155,45 @@ def _loss_variation(module, variables, ds, s, mesh) -> tuple[list[dict], dict]:
 
 def _boundary(module, variables, ds, s, mesh) -> dict:
   n = min(s['boundary_screen_examples'], ds.num_train)
-  screen = sharding.map_batches(boundary.make_screen_kernel(module, ds.augment), variables, ds.train_images,
-                                ds.train_labels, batch_size=s['attack_batch_size'], mesh=mesh, limit=n)
   k = min(s['boundary_refine_examples'], n)
-  order = np.argsort(screen['first_order'], kind='stable')[:k]
-  d = int(np.prod(ds.image_shape))
-  r_max = float(math.sqrt(d))  # the L2 diameter of [0, 1]^d
-  kernel = boundary.make_bisection_kernel(module, ds.augment, r_max, s['boundary_rounds'], s['boundary_steps'])
-  refine_batch = -(-k // mesh.size) * mesh.size
-  out = sharding.map_batches(kernel, variables, ds.train_images[order], screen['pred'][order],
-                             batch_size=refine_batch, mesh=mesh)
-  dist = out['distance']
-  found = out['found']
+  r_max = float(math.sqrt(int(np.prod(ds.image_shape))))  # the L2 diameter of [0, 1]^d
+  out = decision_boundary.boundary_distances(
+      _apply_fn(module), variables, ds.train_images, screen=n, refine=k, rounds=s['boundary_rounds'],
+      steps=s['boundary_steps'], r_max=r_max, batch_size=s['attack_batch_size'], mesh=mesh,
+      preprocess=_preprocess(ds.augment))
+  dist, found, first_order = out['distance'], out['found'], out['first_order']
   return {
       'method': 'first-order screening + per-example bisection on the radius of an L2 PGD attack + line search '
-                '(arreg_jax.analysis.boundary); certified upper bounds',
+                '(arreg_jax.analysis.decision_boundary); certified upper bounds',
       'screened': int(n), 'refined': int(k), 'r_max': r_max,
-      'first_order_min': float(screen['first_order'].min()),
-      'first_order_median': float(np.median(screen['first_order'])),
-      'v_min': float(dist.min()) if found.any() else float('inf'),
+      'first_order_min': float(first_order.min()),
+      'first_order_median': float(np.median(first_order)),
+      'v_min': out['v_min'],
       'v_median_refined': float(np.median(dist[found])) if found.any() else float('inf'),
       'found': int(found.sum()),
-      'refined_indices': [int(i) for i in order],
+      'refined_indices': [int(i) for i in out['refined_indices']],
   }
 
 
-def _bound_terms(variables, layers: list[dict], v_min: float, train_margin_median: float, config, strength,
+def _bound_terms(variables, specs, layers: list[dict], v_min: float, train_margin_median: float, config, strength,
                  s, m: int) -> dict:
   b = s['bound']
-  last = layers[-1]
-  params = variables['params']
-  for key in last['name'].split('/'):
-    params = params[key]
-  w_dist = float(bounds.min_class_weight_distance(params['kernel']))
-  sigma_mins = [layer['min'] for layer in layers[:-1]]
-  log_u = bounds.log_u_min(w_dist, sigma_mins, v_min)
+  w_last = spectral.layer_kernels(variables['params'], specs[-1:])[0]  # the last layer, (in, out) as applied
+  w_dist = float(generalization_bound.min_class_weight_distance(w_last, class_axis=-1))
   gamma = b['gamma'] if b['gamma'] is not None else max(train_margin_median, 1e-6)
   eps = b['eps']
   if eps is None:
     eps = strength * float(config.attack.strength_unit) or float(config.eval.pgd_eps)
-  with np.errstate(divide='ignore'):
-    log_prod = float(np.sum(np.log(np.asarray(sigma_mins, np.float64))))
-  out = {'w_distance': w_dist, 'log_prod_sigma_min': log_prod, 'layers_with_zero_sigma_min':
-         int(sum(1 for v in sigma_mins if v <= 0)), 'v_min': v_min, 'log_u_min': log_u,
-         'gamma_source': 'config' if b['gamma'] is not None else 'median training margin'}
-  out.update(bounds.generalization_bound(log_u, gamma=gamma, c_x=b['c_x'], k=b['k'], eps=eps, eta=b['eta'], m=m))
-  return out
+  return generalization_bound.assemble(
+      w_dist, [layer['min'] for layer in layers[:-1]], v_min, gamma=gamma, c_x=b['c_x'], k=b['k'], eps=eps,
+      eta=b['eta'], m=m, gamma_source='config' if b['gamma'] is not None else 'median training margin')
 
 
 def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
-  """Analyses one finished run; writes ``analysis.json`` and ``per_example.npz`` into it and returns the former."""
+  """Analyzes one finished run; writes ``analysis.json`` and ``per_example.npz`` into it and returns the former."""
   t_start = time.time()
   mesh = mesh or sharding.make_mesh()
-  config, raw_cfg = restore.run_config(run_dir)
+  config, raw_cfg = checkpoints.run_config(run_dir)
   configuration.validate(config)
   s = settings_of(config)
   out_path = os.path.join(run_dir, rundir.ANALYSIS)
@@ -205,8 +203,8 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
     if old.get('settings') == rundir.json_safe(s) and old.get('final_row') == rundir.json_safe(final.get('row')):
       logging.info('%s: analysis.json is up to date', run_dir)
       return old
-  config, module, variables, ds, epoch = restore.restore_run(run_dir)
-  variables = models.fold_spectral_norm(variables)  # SN models: analyse the kernels the forward pass applies
+  config, module, variables, ds, epoch = checkpoints.restore_run(run_dir)
+  variables = models.fold_spectral_norm(variables)  # SN models: analyze the kernels the forward pass applies
   strength = float(raw_cfg['strength'])
   timing = {'restore_s': time.time() - t_start}
 
@@ -217,7 +215,8 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
   timing['confidence_s'] = time.time() - t
 
   t = time.time()
-  layers = singular_values.layer_statistics(module, variables, ds.image_shape)
+  specs = spectral.layer_specs(module, variables, (1, *ds.image_shape), train=False)
+  layers = singular_values.layer_statistics(module, variables, ds.image_shape, specs=specs, train=False)
   with np.errstate(divide='ignore'):
     log_sc = float(sum(layer['log_max'] for layer in layers))
   timing['spectral_s'] = time.time() - t
@@ -228,16 +227,14 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
   timing['loss_variation_s'] = time.time() - t
 
   if 'pgd_acc' in final.get('test', {}):
-    pgd = {'pgd_acc': final['test']['pgd_acc'], 'source': 'final.json (evaluation.make_eval_step, whole test set)',
+    pgd = {'pgd_acc': final['test']['pgd_acc'], 'source': 'final.json (training.eval_step.make_eval_step, whole test set)',
            'eps': float(config.eval.pgd_eps), 'steps': int(config.eval.pgd_steps)}
   else:
     t = time.time()
-    pgd_cfg = ml_collections.ConfigDict({'eps': config.eval.pgd_eps, 'step_size': config.eval.pgd_step_size,
-                                         'steps': config.eval.pgd_steps})
-    step = evaluation.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=pgd_cfg)
-    res = evaluation.evaluate(step, variables, ds.test_images, ds.test_labels, batch_size=s['batch_size'],
-                         key=jax.random.key(config.seed), limit=s['max_test_examples'], mesh=mesh)
-    pgd = {'pgd_acc': res['pgd_acc'], 'source': 'recomputed by the analysis (evaluation.make_eval_step)',
+    step = eval_step.make_eval_step(module, augment_kind=ds.augment, pgd_cfg=eval_step.pgd_spec(config))
+    res = eval_step.evaluate(step, variables, ds.test_images, ds.test_labels, batch_size=s['batch_size'],
+                             key=jax.random.key(config.seed), limit=s['max_test_examples'], mesh=mesh)
+    pgd = {'pgd_acc': res['pgd_acc'], 'source': 'recomputed by the analysis (training.eval_step.make_eval_step)',
            'eps': float(config.eval.pgd_eps), 'steps': int(config.eval.pgd_steps)}
     timing['pgd_s'] = time.time() - t
 
@@ -254,8 +251,8 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
 
   t = time.time()
   bnd = _boundary(module, variables, ds, s, mesh)
-  terms = _bound_terms(variables, layers, bnd['v_min'], train_sum['margin']['quantiles']['q50'], config, strength,
-                       s, m=ds.num_train)
+  terms = _bound_terms(variables, specs, layers, bnd['v_min'], train_sum['margin']['quantiles']['q50'], config,
+                       strength, s, m=ds.num_train)
   timing['boundary_s'] = time.time() - t
   timing['total_s'] = time.time() - t_start
 
@@ -286,7 +283,7 @@ def analyze_run(run_dir: str, *, mesh=None, reuse: bool = False) -> dict:
 
 
 def analyze_sweep(workdir: str, *, reuse: bool = False, mesh=None) -> dict:
-  """Analyses every finished run of ``workdir``; returns ``{'runs': [names analysed], 'analysis_s'}``.
+  """Analyzes every finished run of ``workdir``; returns ``{'runs': [names analyzed], 'analysis_s'}``.
 
   Unfinished runs are skipped (the report lists them).
   """
@@ -299,7 +296,7 @@ def analyze_sweep(workdir: str, *, reuse: bool = False, mesh=None) -> dict:
   done = []
   for run in runs:
     if not run.finished:
-      logging.info('%s: not finished, not analysed', run.path)
+      logging.info('%s: not finished, not analyzed', run.path)
       continue
     t = time.time()
     analyze_run(run.path, mesh=mesh, reuse=reuse)

@@ -4,7 +4,7 @@ Both sides train ResNet-56 (the Fixup CIFAR ResNet, no BatchNorm; PyTorch: the t
 same weights) on CIFAR-shaped batches (``--batch``, default 128) with the recipe of ``configs/cifar10_resnet56.py``:
 L∞ PGD-10 at ε = 8/255, step 2/255, uniform random start, then one SGD update (lr 0.1, momentum 0.9, weight decay
 5e-4) on the mean cross-entropy of the adversarial batch.
-  * ``arreg_jax``: ``train.make_multi_step`` — the program ``trainer.build_run`` compiles — one step per call, the
+  * ``arreg_jax``: ``training.step.train_steps`` — the program ``training.loop`` runs — one step per call, the
     batch split over the default device layout (one XLA:CPU device per core; ``--cpu_devices``), the data set
     resident on the devices, no augmentation (``augment_kind='none'``, as on the PyTorch side);
   * ``torch_loop``: the loop people write (Madry et al.; Rice et al.'s robust-overfitting code): ``model.eval()``
@@ -37,7 +37,9 @@ def jax_side(batch: int, variables, images, labels):
   """(step(), devices): one arreg_jax training step per call on the next batch of the resident set."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from arreg_jax import models, presets, sharding, train  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+  from arreg_jax import models, presets, sharding  # pylint: disable=g-import-not-at-top
+  from arreg_jax.training import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
   config = presets.cifar_paper('cifar10', 'resnet56')
   config.train.batch_size = batch
   config.train.learning_rate, config.train.momentum, config.train.weight_decay = LR, MOMENTUM, WD
@@ -47,12 +49,11 @@ def jax_side(batch: int, variables, images, labels):
   rep = sharding.replicated(mesh)
   steps_per_epoch = NUM_IMAGES // batch
   module = models.get_module('resnet56', num_classes=10)
-  tx = train.make_optimizer(config.train, steps_per_epoch)
-  state = jax.device_put(train.init_state(variables, tx), rep)
-  multi = train.make_multi_step(module, tx, steps_per_call=1, batch_size=batch, config=config, adversarial=True,
-                                augment_kind='none', steps_per_epoch=steps_per_epoch,
-                                batch_sharding=sharding.batch_sharding(mesh))
-  hyper = jax.device_put(train.step_hyper(config, 8.0, jax.random.key(1)), rep)
+  spec = step_lib.step_spec(config, module=module, adversarial=True, augment='none',
+                            steps_per_epoch=steps_per_epoch, batch_sharding=sharding.batch_sharding(mesh))
+  state = jax.device_put(state_lib.init_state(variables, spec.optimizer), rep)
+  multi = functools.partial(step_lib.train_steps, spec)
+  hyper = jax.device_put(step_lib.step_hyper(config, 8.0, jax.random.key(1)), rep)
   x, y = jax.device_put((images, labels), rep)
   perm = jax.device_put(jnp.arange(NUM_IMAGES, dtype=jnp.int32), rep)
   box = {'state': state}

@@ -60,8 +60,8 @@ from machine import CpuShare, command_line, cpu_model, device_info, versions, wa
 from machine import write_results  # noqa: E402,F401  (re-exported for the scripts that import this one)
 
 EPS, STEP_SIZE, STEPS = 8 / 255, 2 / 255, 10
-NUM_CLASSES = {'resnet56': 10, 'wrn50_2': 200}
-INPUT_SIZE = {'resnet56': 32, 'wrn50_2': 56}
+NUM_CLASSES = {'resnet20': 10, 'resnet56': 10, 'wrn50_2': 200}
+INPUT_SIZE = {'resnet20': 32, 'resnet56': 32, 'wrn50_2': 56}
 METHODS = ('arreg_jax', 'torchattacks', 'torch_eager', 'torch_compile')
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'attack_throughput_cpu.json')
 # float32 tolerances of the equivalence check, relative to the largest reference magnitude.
@@ -75,32 +75,41 @@ LOGITS_RTOL, GRAD_RTOL = 1e-4, 1e-3
 def random_variables(name: str, key: jax.Array, calib_images: np.ndarray) -> tuple[Any, dict]:
   """``(module, variables)`` of model ``name`` with every layer random and non-zero.
 
-  Every kernel is redrawn He-normal (fan-in) × 0.6 (the ResNet has no normalization; 0.6 keeps a 56-layer residual
+  Every kernel is drawn He-normal (fan-in) × 0.6 (the ResNet has no normalization; 0.6 keeps a 56-layer residual
   stack from blowing up); biases N(0, 0.1²); BatchNorm scales U(0.5, 1.5), offsets N(0, 0.1²), and the running
   statistics are the batch statistics of ``calib_images`` (so evaluation mode is normalized, as after training).
+  The draws are numpy's (seeded from ``key``): drawing them with ``jax.random`` compiles a program per layer shape,
+  seconds on a CPU for nothing the benchmarks measure.
   """
   module = models.get_module(name, num_classes=NUM_CLASSES[name])
-  _, variables = models.create(name, num_classes=NUM_CLASSES[name], key=jax.random.fold_in(key, 0))
-  leaves, tree = jax.tree_util.tree_flatten_with_path(variables['params'])
-  keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+  x = jnp.asarray(calib_images)
+  shapes = jax.eval_shape(lambda k: module.init(k, x[:1]), key)  # the variables' structure; nothing is compiled
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+  leaves, tree = jax.tree_util.tree_flatten_with_path(shapes['params'])
   new = []
-  for (path, x), k in zip(leaves, keys):
-    leaf = str(path[-1].key)
-    if leaf == 'kernel':
-      fan_in = int(np.prod(x.shape[:-1]))
-      new.append(jax.random.normal(k, x.shape) * np.sqrt(2.0 / fan_in) * 0.6)
-    elif leaf == 'bias':
-      new.append(0.1 * jax.random.normal(k, x.shape))
-    elif leaf == 'scale':
-      new.append(jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5))
+  for path, leaf in leaves:
+    kind, shape = str(path[-1].key), leaf.shape
+    if kind == 'kernel':
+      fan_in = int(np.prod(shape[:-1]))
+      new.append(rng.standard_normal(shape) * np.sqrt(2.0 / fan_in) * 0.6)
+    elif kind == 'bias':
+      new.append(0.1 * rng.standard_normal(shape))
+    elif kind == 'scale':
+      new.append(rng.uniform(0.5, 1.5, shape))
     else:
       raise ValueError(f'unexpected parameter {path}')
-  variables = {**variables, 'params': jax.tree_util.tree_unflatten(tree, new)}
-  if 'batch_stats' in variables:
-    # Running averages move 10% towards the batch statistics per call (momentum 0.9); solve for the batch's own.
-    _, upd = module.apply(variables, jnp.asarray(calib_images), train=True, mutable=['batch_stats'])
-    variables['batch_stats'] = jax.tree.map(lambda new, old: (new - 0.9 * old) / 0.1, upd['batch_stats'],
-                                            variables['batch_stats'])
+  variables = {'params': jax.tree_util.tree_unflatten(tree, [jnp.asarray(a, jnp.float32) for a in new])}
+  if 'batch_stats' in shapes:
+    # Start from flax's initial running statistics (mean 0, variance 1); a training-mode call moves them 10% towards
+    # the batch's own (momentum 0.9): solve for the batch statistics, in one compiled program.
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.full(leaf.shape, 1.0 if str(path[-1].key) == 'var' else 0.0, leaf.dtype),
+        shapes['batch_stats'])
+
+    def calibrate(params, stats, x):
+      _, upd = module.apply({'params': params, 'batch_stats': stats}, x, train=True, mutable=['batch_stats'])
+      return jax.tree.map(lambda new, old: (new - 0.9 * old) / 0.1, upd['batch_stats'], stats)
+    variables['batch_stats'] = jax.jit(calibrate)(variables['params'], stats, x)
   return module, variables
 
 
@@ -108,25 +117,25 @@ def random_variables(name: str, key: jax.Array, calib_images: np.ndarray) -> tup
 # The attacks.
 
 
-def jax_pgd(name: str, variables: dict, precision: str, random_start: bool = True) -> Callable:
-  """Jitted ``(variables, x NHWC, y, key) -> x_adv`` running arreg_jax's PGD-10."""
+def jax_pgd(name: str, variables: dict, precision: str, random_start: bool = True, steps: int = STEPS) -> Callable:
+  """Jitted ``(variables, x NHWC, y, key) -> x_adv`` running arreg_jax's PGD-``steps`` (default 10)."""
   dtype = jnp.bfloat16 if precision == 'bf16' else None
   module = models.get_module(name, num_classes=NUM_CLASSES[name], dtype=dtype)
 
   def attack(variables, x, y, key):
-    return attacks.pgd(lambda z: module.apply(variables, z), x, y, key, eps=EPS, step_size=STEP_SIZE, steps=STEPS,
+    return attacks.pgd(lambda z: module.apply(variables, z), x, y, key, eps=EPS, step_size=STEP_SIZE, steps=steps,
                        random_start=random_start)
   return jax.jit(attack)
 
 
-def torch_pgd(model, x, y, *, random_start: bool = True):
+def torch_pgd(model, x, y, *, random_start: bool = True, steps: int = STEPS):
   """The hand-written PyTorch L∞ PGD: summed cross-entropy, sign step, projection, clip to [0, 1]."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   adv = x.clone()
   if random_start:
     adv = (adv + torch.empty_like(x).uniform_(-EPS, EPS)).clamp_(0.0, 1.0)
-  for _ in range(STEPS):
+  for _ in range(steps):
     adv.requires_grad_(True)
     loss = F.cross_entropy(model(adv), y, reduction='sum')
     (grad,) = torch.autograd.grad(loss, adv)
@@ -141,7 +150,12 @@ def torch_pgd(model, x, y, *, random_start: bool = True):
 
 def _framework_outputs(name: str, module, variables: dict, tmodel, x: np.ndarray, y: np.ndarray,
                        dtype) -> dict[str, np.ndarray]:
-  """Logits, ∇ₓ Σ CE and PGD-10 without a random start, from JAX and the twin, computed in ``dtype`` (NHWC)."""
+  """Logits, ∇ₓ Σ CE and PGD-10 without a random start, from JAX and the twin, computed in ``dtype`` (NHWC).
+
+  JAX computes at full float32 precision (``jax.default_matmul_precision('highest')``): on NVIDIA GPUs its default
+  for float32 convolutions is TF32 (as cuDNN's is in PyTorch), which would fail the float32 tolerance against the
+  PyTorch twin on the CPU without saying anything about the model. The timings use the default precision.
+  """
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   jvars = jax.tree.map(lambda a: jnp.asarray(a, dtype), variables)
@@ -150,9 +164,10 @@ def _framework_outputs(name: str, module, variables: dict, tmodel, x: np.ndarray
   def loss(x):
     logits = module.apply(jvars, x)
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y)), logits
-  (_, jl), jg = jax.jit(jax.value_and_grad(loss, has_aux=True))(jx)
-  j_adv = jax.jit(lambda v, x: attacks.pgd(lambda z: module.apply(v, z), x, y, jax.random.key(0), eps=EPS,
-                                           step_size=STEP_SIZE, steps=STEPS, random_start=False))(jvars, jx)
+  with jax.default_matmul_precision('highest'):
+    (_, jl), jg = jax.jit(jax.value_and_grad(loss, has_aux=True))(jx)
+    j_adv = jax.jit(lambda v, x: attacks.pgd(lambda z: module.apply(v, z), x, y, jax.random.key(0), eps=EPS,
+                                             step_size=STEP_SIZE, steps=STEPS, random_start=False))(jvars, jx)
 
   tdtype = torch.float64 if dtype == jnp.float64 else torch.float32
   tm = tmodel.to(tdtype)
@@ -258,24 +273,29 @@ def check_equivalence(name: str, module, variables: dict, tmodel, batch: int, se
 
 
 def time_config(name: str, variables: dict, tmodel, cmodel, precision: str, batch: int, repeats: int,
-                methods: tuple[str, ...], seed: int, wait_quiet_s: float = 0.0) -> list[dict[str, Any]]:
-  """Warms up every method, then times ``repeats`` interleaved rounds; one result row per method."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torchattacks  # pylint: disable=g-import-not-at-top
+                methods: tuple[str, ...], seed: int, wait_quiet_s: float = 0.0, steps: int = STEPS
+                ) -> list[dict[str, Any]]:
+  """Warms up every method, then times ``repeats`` interleaved rounds; one result row per method.
+
+  PyTorch runs on CUDA when it sees a GPU (``tmodel`` and ``cmodel`` must be there already), else on the CPU; with
+  ``methods`` = ``('arreg_jax',)`` PyTorch is not needed (``tmodel`` and ``cmodel`` may be None).
+  """
   size, nc = INPUT_SIZE[name], NUM_CLASSES[name]
   rng = np.random.default_rng(seed + batch)
   x = rng.random((batch, size, size, 3), dtype=np.float32)
   y = rng.integers(0, nc, batch).astype(np.int32)
-  dev = 'cuda' if torch.cuda.is_available() else 'cpu'
-  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev)
-  yt = torch.from_numpy(y.astype(np.int64)).to(dev)
   # arreg_jax's default layout: the batch split over the largest number of devices that divides it (one XLA:CPU
   # device per core unless --cpu_devices says otherwise), the weights replicated — what training and evaluation do.
   mesh = sharding.make_mesh(sharding.data_parallel_devices(batch))
   xj, yj = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (x, y))
   jvars = jax.device_put(variables, sharding.replicated(mesh))
-  autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if precision == 'bf16' else None
-  sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
+  if any(m != 'arreg_jax' for m in methods):
+    import torch  # pylint: disable=g-import-not-at-top
+    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev)
+    yt = torch.from_numpy(y.astype(np.int64)).to(dev)
+    autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if precision == 'bf16' else None
+    sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
 
   def torch_call(fn):
     def run():
@@ -290,18 +310,19 @@ def time_config(name: str, variables: dict, tmodel, cmodel, precision: str, batc
 
   calls: dict[str, Callable[[], Any]] = {}
   if 'arreg_jax' in methods:
-    jfn = jax_pgd(name, variables, precision)
+    jfn = jax_pgd(name, variables, precision, steps=steps)
     counter = iter(range(1 << 30))
     calls['arreg_jax'] = lambda: jax.block_until_ready(jfn(jvars, xj, yj, jax.random.key(next(counter))))
   if 'torchattacks' in methods:
-    atk = torchattacks.PGD(tmodel, eps=EPS, alpha=STEP_SIZE, steps=STEPS, random_start=True)
+    import torchattacks  # pylint: disable=g-import-not-at-top
+    atk = torchattacks.PGD(tmodel, eps=EPS, alpha=STEP_SIZE, steps=steps, random_start=True)
     calls['torchattacks'] = torch_call(lambda: atk(xt, yt))
   if 'torch_eager' in methods:
-    calls['torch_eager'] = torch_call(lambda: torch_pgd(tmodel, xt, yt))
+    calls['torch_eager'] = torch_call(lambda: torch_pgd(tmodel, xt, yt, steps=steps))
   if 'torch_compile' in methods:
-    calls['torch_compile'] = torch_call(lambda: torch_pgd(cmodel, xt, yt))
+    calls['torch_compile'] = torch_call(lambda: torch_pgd(cmodel, xt, yt, steps=steps))
 
-  rows = {m: {'model': name, 'precision': precision, 'batch_size': batch, 'method': m, 'times_s': [],
+  rows = {m: {'model': name, 'precision': precision, 'batch_size': batch, 'method': m, 'steps': steps, 'times_s': [],
               'error': None} for m in calls}
   for m, fn in calls.items():
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ The authors' code comes from a checkout given by ``--autoattack_dir`` (it is not
 
 Model: a trained arreg_jax run (``--run_dir``; the default benchmark uses the embedded MNIST default's AR 0.1 small
 CNN — conv 3×3×16 → pool → conv 3×3×32 → pool → dense 128 → 10 — made by ``python -m arreg_jax.main --config
-configs/mnist.py``), restored with ``restore.restore_run``, its PyTorch twin built here with the same weights (HWIO →
+configs/mnist.py``), restored with ``checkpoints.restore_run``, its PyTorch twin built here with the same weights (HWIO →
 OIHW; the NHWC flatten order kept). The logits and input gradients of both are compared first (float32, to 1e-4 of
 their scale). Images: the first ``--images`` test images, as float in [0, 1]; ε = ``--eps``.
 
@@ -106,7 +106,8 @@ def main(argv=None):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import machine  # pylint: disable=g-import-not-at-top
-  from arreg_jax import attacks, models, restore, sharding  # pylint: disable=g-import-not-at-top
+  from arreg_jax import attacks, models, sharding  # pylint: disable=g-import-not-at-top
+  from arreg_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   from arreg_jax.data import augment  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.abspath(args.autoattack_dir))
   from autoattack import AutoAttack as AuthorsAutoAttack  # pylint: disable=g-import-not-at-top
@@ -114,7 +115,7 @@ def main(argv=None):
   from autoattack.fab_pt import FABAttack_PT  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.torch_threads or host_devices.cpu_cores())
 
-  config, module, variables, ds, _ = restore.restore_run(args.run_dir)
+  config, module, variables, ds, _ = checkpoints.restore_run(args.run_dir)
   n = args.images
   x = np.asarray(augment.preprocess(None, jnp.asarray(ds.test_images[:n]), kind=ds.augment, train=False))
   y = np.asarray(ds.test_labels[:n], np.int32)

@@ -11,7 +11,6 @@ step without the update) in JAX (jitted; the custom-VJP convolution of ``arreg_j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402  # pylint: disable=g-import-not-at-top  (the JSON writer)
 
 from arreg_jax import models  # pylint: disable=g-import-not-at-top
 
@@ -97,10 +97,7 @@ def main(argv=None) -> int:
                        'cpu_count': os.cpu_count(), 'machine': platform.machine()},
             'versions': {'jax': jax.__version__, 'torch': torch.__version__, 'python': platform.python_version()},
             'load_average_after': list(os.getloadavg()), 'timestamp': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + '.tmp', 'w') as f:
-    json.dump(report, f, indent=2)
-  os.replace(args.out + '.tmp', args.out)
+  machine.write_results(args.out, report)
   print(f'\nwrote {args.out}')
   return 0
 

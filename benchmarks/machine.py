@@ -1,18 +1,27 @@
 """What every benchmark here records: the machine, the versions, the command, the CPU time other processes took,
-and the JSON results file (merged by configuration). Imported by the benchmark scripts as ``machine``."""
+and the JSON results file (merged by configuration, written atomically). Imported by the benchmark scripts as
+``machine``; :func:`write_results` is the one JSON writer of ``benchmarks/``."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
-import optax
+
+# Distributions whose versions a result records (absent ones as None): the JAX stack, its GPU plugins, the PyTorch
+# side of the comparisons and the wheels carried to a GPU machine.
+DISTRIBUTIONS = ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda13-pjrt', 'jax-cuda12-plugin', 'jax-cuda12-pjrt',
+                 'flax', 'optax', 'orbax-checkpoint', 'chex', 'ml-collections', 'absl-py', 'numpy', 'torch',
+                 'torchattacks', 'tensorboardX', 'tensorflow-datasets')
 
 
 def cpu_model() -> str:
@@ -26,27 +35,49 @@ def cpu_model() -> str:
   return platform.processor() or 'unknown'
 
 
+def nvidia_smi() -> list[dict[str, str]] | None:
+  """Name, driver, memory and clocks of each NVIDIA GPU as ``nvidia-smi`` reports them; None without nvidia-smi."""
+  exe = shutil.which('nvidia-smi')
+  if exe is None:
+    return None
+  fields = ('name', 'driver_version', 'memory.total', 'clocks.max.sm', 'power.limit', 'compute_cap')
+  try:
+    out = subprocess.run([exe, f'--query-gpu={",".join(fields)}', '--format=csv,noheader'], capture_output=True,
+                         text=True, timeout=30)
+  except (OSError, subprocess.SubprocessError) as e:
+    return [{'error': f'{type(e).__name__}: {e}'}]
+  if out.returncode:
+    return [{'error': (out.stderr or out.stdout).strip()[-300:]}]
+  return [dict(zip(fields, (v.strip() for v in line.split(',')))) for line in out.stdout.strip().splitlines()]
+
+
 def device_info() -> dict[str, Any]:
+  """The JAX devices, the host and (where there is one) the NVIDIA driver's view of the GPU."""
   d = jax.devices()[0]
   info = {'jax_platform': d.platform, 'jax_device_kind': d.device_kind, 'jax_device_count': jax.device_count(),
           'cpu_model': cpu_model(), 'cpu_count': os.cpu_count(), 'hostname_platform': platform.platform()}
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    from jax.extend import backend  # pylint: disable=g-import-not-at-top
+    info['jax_platform_version'] = backend.get_backend().platform_version
+  except Exception:  # pylint: disable=broad-except  # informative only
+    info['jax_platform_version'] = None
+  smi = nvidia_smi()
+  if smi is not None:
+    info['nvidia_smi'] = smi
+  torch = sys.modules.get('torch')  # only where a benchmark already uses it: importing torch takes seconds
+  if torch is not None:
     info['torch_cuda'] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-  except ImportError:
-    pass
   return info
 
 
-def versions() -> dict[str, str | None]:
-  import flax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  out = {'python': platform.python_version(), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
-         'flax': flax.__version__, 'optax': optax.__version__, 'numpy': np.__version__}
-  for name in ('torch', 'torchattacks'):
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+  """Python's version and those of :data:`DISTRIBUTIONS` (plus ``extra``) as installed, None where absent; read from
+  the installed metadata, so nothing is imported."""
+  out = {'python': platform.python_version()}
+  for name in DISTRIBUTIONS + tuple(extra):
     try:
-      out[name] = __import__(name).__version__
-    except ImportError:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
       out[name] = None
   return out
 
@@ -110,8 +141,15 @@ def _own_seconds() -> float:
   return t.user + t.system
 
 
-def write_results(path: str, new: dict[str, Any], key_fields: tuple[str, ...], merge: bool) -> dict[str, Any]:
-  """Writes ``new`` to ``path``; with ``merge``, keeps the old file's results for configurations not re-run."""
+def write_results(path: str, new: dict[str, Any], key_fields: tuple[str, ...] = (), merge: bool = False
+                  ) -> dict[str, Any]:
+  """Writes ``new`` to ``path`` as JSON, atomically (a temporary file renamed over it: a reader, or a run killed
+  meanwhile, sees the old file or the new one, never half of one); with ``merge``, keeps the old file's
+  ``results`` for configurations (``key_fields``) not re-run and appends ``runs``. Returns what was written."""
+  if not isinstance(new, dict):
+    raise TypeError(f'write_results writes a dict, got {type(new).__name__}')
+  if merge and not key_fields:
+    raise ValueError('merging needs the key_fields that identify a configuration')
   out = new
   if merge and os.path.exists(path):
     with open(path) as f:
@@ -125,7 +163,18 @@ def write_results(path: str, new: dict[str, Any], key_fields: tuple[str, ...], m
     if 'equivalence' in new:
       out['equivalence'] = {**old.get('equivalence', {}), **new['equivalence']}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(out, f, indent=1)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(out, f, indent=1, default=_json_default)
     f.write('\n')
+  os.replace(tmp, path)
   return out
+
+
+def _json_default(value: Any) -> Any:
+  """numpy scalars and arrays, and anything else, as JSON can hold them."""
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  return str(value)

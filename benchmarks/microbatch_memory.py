@@ -1,10 +1,10 @@
 r"""Gradient accumulation (``config.train.microbatches``): step time and XLA's planned memory per microbatch count.
 
-Builds arreg_jax's real training program (``train.make_multi_step``, one step per call, as ``trainer.build_run``
+Builds arreg_jax's real training program (``training.step.train_steps``, one step per call, as ``training.loop``
 does) for a CIFAR-10-shaped setting — ResNet-20 by default, batch 128, L∞ PGD-10 at AR 8 (ε = 8/255, 10 steps of
 2/255, random start), pad-4 crop + flip — on a device-resident set of random uint8 32×32×3 images, and for each
 microbatch count k compiles it ahead of time, reads ``compiled.memory_analysis()`` (what
-:mod:`arreg_jax.memory_plan` compares with the device's free memory: temporaries + outputs − donated, beyond the
+`arreg_jax.training.memory_plan` compares with the device's free memory: temporaries + outputs − donated, beyond the
 resident arguments) and times ``--steps`` steps after one warm-up step.
 
   python benchmarks/microbatch_memory.py                         # resnet20, batch 128, k = 1, 2, 4, 2 timed steps
@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from arreg_jax import memory_plan, models, presets, sharding, train  # noqa: E402
+from arreg_jax import models, presets, sharding  # noqa: E402
+from arreg_jax.training import memory_plan, state as state_lib, step as step_lib  # noqa: E402
 import machine as common  # noqa: E402  (machine description, JSON writer)
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'microbatch_memory_cpu.json')
@@ -40,19 +41,18 @@ def build(model: str, batch: int, k: int, num_train: int):
   module = models.get_module(model, num_classes=10)
   _, variables = models.create(model, num_classes=10, key=jax.random.key(0), input_shape=(32, 32, 3))
   steps_per_epoch = num_train // batch
-  tx = train.make_optimizer(cfg.train, steps_per_epoch)
   mesh = sharding.make_mesh()
   rep = sharding.replicated(mesh)
-  state = jax.device_put(train.init_state(variables, tx), rep)
+  spec = step_lib.step_spec(cfg, module=module, adversarial=True, augment='cifar', steps_per_epoch=steps_per_epoch,
+                            microbatches=k, batch_sharding=sharding.batch_sharding(mesh))
+  state = jax.device_put(state_lib.init_state(variables, spec.optimizer), rep)
   rng = np.random.default_rng(0)
   images = jax.device_put(rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8), rep)
   labels = jax.device_put(rng.integers(0, 10, (num_train,)).astype(np.int32), rep)
   perm = jax.device_put(rng.permutation(num_train).astype(np.int32), rep)
-  step = train.make_multi_step(module, tx, steps_per_call=1, batch_size=batch, config=cfg, adversarial=True,
-                               augment_kind='cifar', steps_per_epoch=steps_per_epoch, microbatches=k,
-                               batch_sharding=sharding.batch_sharding(mesh))
-  hyper = jax.device_put(train.step_hyper(cfg, 8.0, jax.random.key(1)), rep)
-  return step.lower(state, images, labels, perm, hyper).compile(), (state, images, labels, perm, hyper)
+  hyper = jax.device_put(step_lib.step_hyper(cfg, 8.0, jax.random.key(1)), rep)
+  return (step_lib.train_steps.lower(spec, state, images, labels, perm, hyper).compile(),
+          (state, images, labels, perm, hyper))
 
 
 def measure(model: str, batch: int, k: int, steps: int, num_train: int) -> dict:
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
          'uptime_after': subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip(),
          'setting': {'attack': 'linf PGD-10, eps 8/255, step 2/255, random start', 'augment': 'cifar',
                      'steps_per_call': 1, 'memory': 'compiled.memory_analysis() per device; new = temp + output '
-                     '- alias (what arreg_jax.memory_plan compares with free memory), peak = new + argument'},
+                     '- alias (what arreg_jax.training.memory_plan compares with free memory), peak = new + argument'},
          'runs': [common.command_line()], 'results': rows}
   common.write_results(a.out, out, ('model', 'batch', 'microbatches'), merge=False)
   print(f'wrote {a.out}')

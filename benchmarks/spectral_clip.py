@@ -45,12 +45,17 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import machine  # noqa: E402  (the JSON writer)
 from arreg_jax import spectral
 from arreg_jax.spectral import conv as spectral_conv
 from arreg_jax.spectral import model as spectral_model
 
-_INPUT_SHAPES = {'resnet56': (1, 32, 32, 3), 'wrn50_2': (1, 56, 56, 3)}
-_NUM_CLASSES = {'resnet56': 10, 'wrn50_2': 200}
+# cifar_cnn (three conv layers): the smallest model with convs, for quick checks (benchmarks/gpu_suite.py --tiny).
+_INPUT_SHAPES = {'cifar_cnn': (1, 32, 32, 3), 'resnet20': (1, 32, 32, 3), 'resnet56': (1, 32, 32, 3),
+                 'wrn50_2': (1, 56, 56, 3)}
+_NUM_CLASSES = {'cifar_cnn': 10, 'resnet20': 10, 'resnet56': 10, 'wrn50_2': 200}
 
 
 def _block(tree):
@@ -70,7 +75,8 @@ def _model_layers(name: str) -> tuple[dict[str, Any], tuple[spectral.LayerSpec, 
   """Conv specs of the real model (or, if arreg_jax.models is unavailable, of its exact shapes), random kernels.
 
   The model is traced abstractly (``jax.eval_shape`` of its init), which is all ``layer_specs`` needs; kernels are
-  random He-scaled normals, because Fixup starts half of the convs at zero, which would make clipping trivial.
+  random He-scaled normals (numpy's), because Fixup starts half of the convs at zero, which would make clipping
+  trivial.
   """
   try:
     from arreg_jax import models  # pylint: disable=import-outside-toplevel
@@ -83,15 +89,15 @@ def _model_layers(name: str) -> tuple[dict[str, Any], tuple[spectral.LayerSpec, 
     specs = _synthetic_specs(name)
     source = 'synthetic shapes (arreg_jax.models unavailable)'
   specs = tuple(s for s in specs if s.kind == 'conv')
-  key = jax.random.PRNGKey(1)
+  rng = np.random.default_rng(1)  # numpy: jax.random would compile a program per kernel shape first
   conv_params: dict[str, Any] = {}
-  for i, s in enumerate(specs):
+  for s in specs:
     fan_in = int(np.prod(s.kernel_shape[:-1]))
-    kernel = jax.random.normal(jax.random.fold_in(key, i), s.kernel_shape) * np.sqrt(2.0 / fan_in)
+    kernel = jnp.asarray(rng.standard_normal(s.kernel_shape) * np.sqrt(2.0 / fan_in), jnp.float32)
     node = conv_params
-    for p in s.path:
+    for p in s.path[:-1]:
       node = node.setdefault(p, {})
-    node['kernel'] = kernel
+    node[s.path[-1]] = kernel
   return conv_params, specs, source
 
 
@@ -99,18 +105,18 @@ def _synthetic_specs(name: str) -> tuple[spectral.LayerSpec, ...]:
   """Layer shapes of the paper's models (SPEC §2), for when the models package is not there."""
   specs = []
   if name == 'resnet56':
-    specs.append(spectral.LayerSpec(('conv_init',), 'conv', (3, 3, 3, 16), (1, 1), (32, 32)))
+    specs.append(spectral.LayerSpec(('conv_init', 'kernel'), 'conv', (3, 3, 3, 16), (1, 1), (32, 32)))
     cin, hw = 16, 32
     for stage, feat in enumerate((16, 32, 64)):
       for block in range(9):
         s = 2 if (stage > 0 and block == 0) else 1
         p = f'stage{stage + 1}_block{block + 1}'
-        specs.append(spectral.LayerSpec((p, 'conv1'), 'conv', (3, 3, cin, feat), (s, s), (hw, hw)))
+        specs.append(spectral.LayerSpec((p, 'conv1', 'kernel'), 'conv', (3, 3, cin, feat), (s, s), (hw, hw)))
         hw //= s
-        specs.append(spectral.LayerSpec((p, 'conv2'), 'conv', (3, 3, feat, feat), (1, 1), (hw, hw)))
+        specs.append(spectral.LayerSpec((p, 'conv2', 'kernel'), 'conv', (3, 3, feat, feat), (1, 1), (hw, hw)))
         cin = feat
   else:
-    specs.append(spectral.LayerSpec(('conv_init',), 'conv', (3, 3, 3, 64), (1, 1), (56, 56)))
+    specs.append(spectral.LayerSpec(('conv_init', 'kernel'), 'conv', (3, 3, 3, 64), (1, 1), (56, 56)))
     cin, hw = 64, 56
     for g, units in enumerate((3, 4, 6, 3)):
       planes = 64 * 2 ** g
@@ -118,11 +124,11 @@ def _synthetic_specs(name: str) -> tuple[spectral.LayerSpec, ...]:
       for u in range(units):
         s = 2 if (g > 0 and u == 0) else 1
         p = f'group{g + 1}_unit{u + 1}'
-        specs.append(spectral.LayerSpec((p, 'conv1'), 'conv', (1, 1, cin, width), (1, 1), (hw, hw)))
-        specs.append(spectral.LayerSpec((p, 'conv2'), 'conv', (3, 3, width, width), (s, s), (hw, hw)))
-        specs.append(spectral.LayerSpec((p, 'conv3'), 'conv', (1, 1, width, out), (1, 1), (hw // s, hw // s)))
+        specs.append(spectral.LayerSpec((p, 'conv1', 'kernel'), 'conv', (1, 1, cin, width), (1, 1), (hw, hw)))
+        specs.append(spectral.LayerSpec((p, 'conv2', 'kernel'), 'conv', (3, 3, width, width), (s, s), (hw, hw)))
+        specs.append(spectral.LayerSpec((p, 'conv3', 'kernel'), 'conv', (1, 1, width, out), (1, 1), (hw // s, hw // s)))
         if s != 1 or cin != out:
-          specs.append(spectral.LayerSpec((p, 'shortcut_conv'), 'conv', (1, 1, cin, out), (s, s), (hw, hw)))
+          specs.append(spectral.LayerSpec((p, 'shortcut_conv', 'kernel'), 'conv', (1, 1, cin, out), (s, s), (hw, hw)))
         hw //= s
         cin = out
   return tuple(specs)
@@ -132,7 +138,7 @@ def _kernel(params, spec):
   node = params
   for p in spec.path:
     node = node[p]
-  return node['kernel']
+  return node
 
 
 def bench_model(name: str, args) -> dict[str, Any]:
@@ -148,7 +154,8 @@ def bench_model(name: str, args) -> dict[str, Any]:
   clip_batched = lambda: spectral.clip_params(params, specs, c, rounds=args.rounds)
 
   def clip_loop():
-    return [spectral.clip_conv_kernel(_kernel(params, s), s.input_hw, c, rounds=args.rounds, stride=s.stride)
+    return [spectral.clip_conv_kernel(_kernel(params, s), s.input_hw, c, layout='HWIO', rounds=args.rounds,
+                                      stride=s.stride)
             for s in specs]
 
   svs_fn = spectral_model._compiled_svs(specs)  # pylint: disable=protected-access
@@ -221,7 +228,7 @@ def estimate_model(name: str, args) -> dict[str, Any]:
     kernel = _kernel(params, spec)
     t0 = time.perf_counter()
     compiled = spectral_conv._clip_conv_kernel_jit.lower(  # pylint: disable=protected-access
-        kernel, c, input_hw=spec.operator_hw, stride=spec.stride, rounds=args.rounds).compile()
+        kernel, c, input_hw=spec.operator_hw, stride=spec.stride, rounds=args.rounds, perm=(0, 1, 2, 3)).compile()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     _block(compiled(kernel, c))
@@ -256,7 +263,7 @@ def _dense_oracle(params, specs) -> dict[str, Any]:
   t0 = time.perf_counter()
   dense = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)  # float64: also the accuracy oracle
   svd_s = time.perf_counter() - t0
-  fft_fn = lambda: spectral.conv_singular_values(kernel, spec.input_hw, stride=spec.stride)
+  fft_fn = lambda: spectral.conv_singular_values(kernel, spec.input_hw, layout='HWIO', stride=spec.stride)
   fft = np.asarray(_block(fft_fn()))
   fft_s, _ = _median_time(fft_fn, 3)
   err = float(np.abs(np.sort(dense)[::-1] - fft).max() / dense.max())
@@ -379,10 +386,7 @@ def main(argv=None) -> int:
     print(f"| {name} | {r['num_conv_layers']} | {r['num_groups']} | {t['batched']['median_s']:.3f} | "
           f"{t['batched']['compile_s']:.2f} | {t['per_layer']['median_s']:.3f} | {t['per_layer']['compile_s']:.2f} | "
           f"{t['svs_batched']['median_s']:.3f} | {t['per_layer']['median_s'] / t['batched']['median_s']:.2f}× |")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + '.tmp', 'w') as f:
-    json.dump(report, f, indent=2)
-  os.replace(args.out + '.tmp', args.out)
+  machine.write_results(args.out, report)
   print(f'\nwrote {args.out}')
   return 0
 

@@ -1,10 +1,10 @@
 r"""Compilations per sweep: how many XLA programs a sweep compiles, how long that takes, and the sweep's wall time.
 
-Trains a sweep with ``arreg_jax.trainer.train_sweep`` (training only: no analysis, no report) into a fresh
+Trains a sweep with ``arreg_jax.training.loop.train_sweep`` (training only: no analysis, no report) into a fresh
 temporary work directory and counts, through ``jax.monitoring``, every backend compilation and the seconds spent
 tracing, lowering and compiling. Members that share a model and an attack kind should share their compiled
 programs (ε, the step size, the regularizer weights and the random keys are traced arguments of the training step,
-``arreg_jax.train.StepHyper``), so a sweep of n adversarially trained members should compile about as much as one.
+``training.step.StepHyper``), so a sweep of n adversarially trained members should compile about as much as one.
 
   python benchmarks/sweep_compiles.py                                   # the embedded default, 1 epoch per member
   python benchmarks/sweep_compiles.py --epochs 8 --label after --merge  # the full default sweep (training part)
@@ -69,7 +69,8 @@ def main(argv=None) -> None:
   host_devices.use_every_cpu_core(args.cpu_devices if args.cpu_devices == 'auto' else int(args.cpu_devices))
 
   import jax  # pylint: disable=g-import-not-at-top
-  from arreg_jax import sweep, trainer  # pylint: disable=g-import-not-at-top
+  from arreg_jax import sweep  # pylint: disable=g-import-not-at-top
+  from arreg_jax.training import loop, setup  # pylint: disable=g-import-not-at-top
   import machine as common  # pylint: disable=g-import-not-at-top  (machine description, JSON writer)
 
   path, _, arg = args.config.partition(':')
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
   rows, last = [], {'t': time.perf_counter(), **meter.snapshot()}
 
   # One row per member: what happened between the end of the previous member and the end of this one.
-  original = trainer.train_member
+  original = loop.train_member
 
   def timed_member(config, member, *a, **kw):
     out = original(config, member, *a, **kw)
@@ -98,12 +99,12 @@ def main(argv=None) -> None:
     return out
 
   uptime_before = subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
-  trainer.train_member = timed_member
+  loop.train_member = timed_member
   t0 = time.perf_counter()
   with tempfile.TemporaryDirectory() as workdir:
-    trainer.train_sweep(config, workdir)
+    loop.train_sweep(setup.setup_sweep(config, workdir))
   wall = time.perf_counter() - t0
-  trainer.train_member = original
+  loop.train_member = original
   total = meter.snapshot()
 
   head = f'{"member":12} {"wall s":>8} {"compiles":>8} {"trace s":>8} {"lower s":>8} {"compile s":>9}'
@@ -122,7 +123,7 @@ def main(argv=None) -> None:
             'uptime_after': subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}
   out = {'benchmark': 'sweep_compiles', 'date': datetime.datetime.now().isoformat(timespec='seconds'),
          'device': common.device_info(), 'versions': common.versions(),
-         'notes': 'training only (trainer.train_sweep); compiles = backend compilations '
+         'notes': 'training only (training.loop.train_sweep); compiles = backend compilations '
                   '(/jax/core/compile/backend_compile_duration events); trace/lower/compile_s = seconds in '
                   'jaxpr tracing, MLIR lowering and XLA compilation; a member row covers the time from the end of '
                   'the previous member (the first also covers loading the data)',

@@ -1,6 +1,6 @@
 r"""Adversarial-training throughput of arreg_jax: ResNet-56, L∞ PGD-10, CIFAR-10-sized data, on the current device.
 
-Runs arreg_jax's real training program — ``train.make_multi_step`` as ``trainer.build_run`` builds it from
+Runs arreg_jax's real training program — ``training.step.train_steps`` as ``training.loop.build_run`` builds it from
 ``configs/cifar10_resnet56.py`` (batch 256, SGD momentum, pad-4 crop + flip on the device, PGD-10 at AR 8: ε = 8/255,
 10 steps of 2/255, random start) — on a device-resident uint8 data set of 50,000 random 32×32×3 images, and reports
 images/s, seconds per 50k-image epoch (training steps only, no evaluation) and the achieved FLOP/s against the
@@ -44,7 +44,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from arreg_jax import attacks, models, presets, sharding, train  # noqa: E402
+from arreg_jax import attacks, models, presets, sharding  # noqa: E402
+from arreg_jax.training import state as state_lib, step as step_lib  # noqa: E402
 import machine as common  # noqa: E402  (machine description, CPU-share meter, JSON writer)
 
 EPOCH_IMAGES = 50_000
@@ -124,8 +125,10 @@ def matmul_peak(n: int, repeats: int) -> dict[str, Any]:
   return out
 
 
-def count_flops(module, variables: dict, batch: int, steps: int) -> dict[str, Any]:
-  """XLA's and the analytic FLOP counts of one PGD-``steps`` adversarial training step of ``batch`` images."""
+def count_flops(module, variables: dict, batch: int, steps: int, depth: int = 56, num_classes: int = 10
+                ) -> dict[str, Any]:
+  """XLA's and the analytic FLOP counts of one PGD-``steps`` adversarial training step of ``batch`` images of the
+  CIFAR ResNet-``depth`` ``module`` (32×32×3 inputs)."""
   x = jnp.zeros((batch, 32, 32, 3), jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
   params = variables['params']
@@ -144,7 +147,7 @@ def count_flops(module, variables: dict, batch: int, steps: int) -> dict[str, An
   xla['step'] = steps * xla['pgd_step'] + xla['update']
   out = {'xla': xla}
   for tag, valid in (('analytic', False), ('analytic_valid_taps', True)):
-    macs, stem = resnet_macs(valid_taps_only=valid)
+    macs, stem = resnet_macs(depth, num_classes, valid_taps_only=valid)
     a = {'forward': 2 * macs * batch, 'pgd_step': 4 * macs * batch, 'update': 2 * (3 * macs - stem) * batch}
     a['step'] = steps * a['pgd_step'] + a['update']
     out[tag] = a
@@ -163,20 +166,18 @@ def bench_precision(precision: str, args, images, labels, mesh) -> dict[str, Any
   steps_per_epoch = EPOCH_IMAGES // batch
   module = models.get_module('resnet56', num_classes=10, dtype=models.compute_dtype(config.precision))
   _, variables = models.create('resnet56', num_classes=10, key=jax.random.key(0))
-  tx = train.make_optimizer(config.train, steps_per_epoch)
-  state = jax.device_put(train.init_state(variables, tx), sharding.replicated(mesh))
   k = args.steps_per_call
-  multi_step = train.make_multi_step(module, tx, steps_per_call=k, config=config,
-                                     adversarial=train.is_adversarial(config, strength), augment_kind='cifar',
-                                     steps_per_epoch=steps_per_epoch, batch_size=batch,
-                                     batch_sharding=sharding.batch_sharding(mesh))
-  hyper = jax.device_put(train.step_hyper(config, strength, jax.random.key(1)), sharding.replicated(mesh))
+  spec = step_lib.step_spec(config, module=module, adversarial=step_lib.is_adversarial(config, strength),
+                            augment='cifar', steps_per_epoch=steps_per_epoch,
+                            batch_sharding=sharding.batch_sharding(mesh), steps_per_call=k)
+  state = jax.device_put(state_lib.init_state(variables, spec.optimizer), sharding.replicated(mesh))
+  hyper = jax.device_put(step_lib.step_hyper(config, strength, jax.random.key(1)), sharding.replicated(mesh))
   perm = jax.device_put(jax.random.permutation(jax.random.key(2), EPOCH_IMAGES).astype(jnp.int32),
                         sharding.replicated(mesh))
   print(f'\n== {precision}: batch {batch}, {k} step(s) per call, PGD-{config.attack.steps} at ε = {strength:g}/255',
         flush=True)
   t0 = time.perf_counter()
-  lowered = multi_step.lower(state, images, labels, perm, hyper)
+  lowered = step_lib.train_steps.lower(spec, state, images, labels, perm, hyper)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   whole_step_xla_flops = _flops(compiled) / k
@@ -279,7 +280,7 @@ def main(argv=None) -> None:
   out = {
       'benchmark': 'train_throughput',
       'what': ('ResNet-56 (Fixup, no BN), CIFAR-10-sized data (50k uint8 32x32x3 on the device), L∞ PGD-10 '
-               'adversarial training with arreg_jax.train.make_multi_step (configs/cifar10_resnet56.py); epoch time '
+               'adversarial training with training.step.train_steps (configs/cifar10_resnet56.py); epoch time '
                '= 50000 / images_per_s (training steps only)'),
       'flop_counting': ('flops_per_step_xla = attack.steps × cost_analysis(forward + input grad) + '
                         'cost_analysis(forward + param grads), each compiled alone; flops_per_step_analytic = '

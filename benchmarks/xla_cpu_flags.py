@@ -18,6 +18,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402  # pylint: disable=g-import-not-at-top  (the JSON writer)
+
 FLAG_SETS = [
     '',
     '--xla_cpu_use_onednn=true',
@@ -88,10 +91,7 @@ def main(argv=None) -> int:
       'load_average_after': list(os.getloadavg()), 'timestamp': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
       'results': rows,
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + '.tmp', 'w') as f:
-    json.dump(report, f, indent=2)
-  os.replace(args.out + '.tmp', args.out)
+  machine.write_results(args.out, report)
   print(f'wrote {args.out}')
   return 0
 

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arreg_jax import configuration, models, sharding, train
+from arreg_jax import configuration, models, sharding
 from arreg_jax.data import get_dataset
+from arreg_jax.training import state as state_lib, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,12 +34,12 @@ def trained_cnn(mnist_small):
   module = models.get_module('small_cnn', num_classes=10)
   _, variables = models.create('small_cnn', num_classes=10, key=jax.random.key(0))
   steps = ds.num_train // 128
-  tx = train.make_optimizer(cfg.train, steps)
-  state = train.init_state(variables, tx)
   mesh = sharding.make_mesh()
-  step = train.make_train_step(module, tx, config=cfg, adversarial=False, augment_kind='none',
-                               steps_per_epoch=steps, batch_sharding=sharding.batch_sharding(mesh))
-  hyper = train.step_hyper(cfg, 0.0, jax.random.key(1))
+  spec = step_lib.step_spec(cfg, module=module, adversarial=False, augment='none', steps_per_epoch=steps,
+                            batch_sharding=sharding.batch_sharding(mesh))
+  state = state_lib.init_state(variables, spec.optimizer)
+  step = jax.jit(lambda *a: step_lib.train_step(spec, *a), donate_argnums=(0,))
+  hyper = step_lib.step_hyper(cfg, 0.0, jax.random.key(1))
   images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
   for epoch in range(2):
     perm = np.random.default_rng(epoch).permutation(ds.num_train).astype(np.int32)

@@ -55,3 +55,29 @@ def test_bad_analysis_settings_are_refused(key, value, match):
   node[name] = value
   with pytest.raises(ConfigError, match=match):
     configuration.validate(cfg)
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('logging.progress_every_s', -1.0, r'config.logging.progress_every_s must be >= 0, got -1.0'),
+    ('attack.step_size', -0.1, r'config.attack.step_size must be None or > 0, got -0.1'),  # not "set exactly one"
+    ('train.optimizer', 'adamw', r"config.train.optimizer must be one of \('sgd', 'adam'\), got 'adamw'"),
+])
+def test_impossible_values_are_refused_by_their_rule(key, value, match):
+  cfg = configuration.base_config()
+  block, name = key.split('.')
+  if key == 'attack.step_size':  # as in configs/mnist.py: a relative step too, so both are set; the sign is reported
+    cfg.attack.step_size_rel = 0.5
+  cfg[block][name] = value
+  with pytest.raises(ConfigError, match=match):
+    configuration.validate(cfg)
+
+
+def test_enumerations_come_from_the_registries_they_name():
+  from arreg_jax import models  # pylint: disable=g-import-not-at-top
+  from arreg_jax.data import DATASETS  # pylint: disable=g-import-not-at-top
+  for key, names in (('model.name', models.MODEL_NAMES), ('data.name', DATASETS)):
+    cfg = configuration.base_config()
+    block, name = key.split('.')
+    cfg[block][name] = 'no_such_thing'
+    with pytest.raises(ConfigError, match=str(names[0])):
+      configuration.validate(cfg)

@@ -5,7 +5,14 @@ import os
 
 import pytest
 
-from arreg_jax import configuration, metrics_writer, presets, rundir, trainer
+from arreg_jax import configuration, presets, rundir
+from arreg_jax.training import loop, metrics_writer, setup
+
+
+def _write_epoch(writer, row):
+  """What the training loop does with an epoch's row: record it (then checkpoint), then print it."""
+  writer.record_epoch(row)
+  writer.print_epoch(row)
 
 
 def _row(epoch, loss=0.5):
@@ -16,7 +23,7 @@ def _row(epoch, loss=0.5):
 def test_rows_lines_and_resume(tmp_path, capsys):
   w = metrics_writer.MetricsWriter(str(tmp_path / 'ar0.1'), epochs=3, tensorboard=False)
   for e in (1, 2, 3):
-    w.write_epoch(_row(e))
+    _write_epoch(w, _row(e))
   w.write_final({'train_acc': 90.0, 'test_acc': 80.0, 'pgd_acc': 30.0, 'train_loss': 0.5, 'test_loss': 0.6}, 3)
   w.close()
   out = capsys.readouterr().out.splitlines()
@@ -34,8 +41,8 @@ def test_rows_lines_and_resume(tmp_path, capsys):
 @pytest.mark.skipif(not metrics_writer.tensorboard_available(), reason='tensorboardX is not installed')
 def test_tensorboard_scalars_are_written(tmp_path):
   w = metrics_writer.MetricsWriter(str(tmp_path), epochs=2, tensorboard=True)
-  w.write_epoch(_row(1, loss=0.75))
-  w.write_epoch(_row(2, loss=float('nan')))  # non-finite values are skipped, not written
+  _write_epoch(w, _row(1, loss=0.75))
+  _write_epoch(w, _row(2, loss=float('nan')))  # non-finite values are skipped, not written
   w.close()
   events = [f for f in os.listdir(tmp_path / rundir.TENSORBOARD) if f.startswith('events.out.tfevents')]
   assert len(events) == 1
@@ -47,7 +54,7 @@ def test_tensorboard_scalars_are_written(tmp_path):
 def test_without_tensorboardx_nothing_breaks(tmp_path, monkeypatch):
   monkeypatch.setattr(metrics_writer, 'tensorboardX', None)
   w = metrics_writer.MetricsWriter(str(tmp_path), epochs=1, tensorboard=True)
-  w.write_epoch(_row(1))
+  _write_epoch(w, _row(1))
   w.close()
   assert not (tmp_path / rundir.TENSORBOARD).exists()
   assert len(rundir.read_jsonl(str(tmp_path / rundir.METRICS))) == 1
@@ -65,7 +72,7 @@ def test_training_prints_in_epoch_progress_at_dispatch_boundaries(tmp_path, caps
   c.sweep, c.train.epochs, c.analysis.enabled = (0.0,), 1, False
   c.data.train_size, c.train.batch_size = 256, 32  # 8 steps, one per dispatch
   c.logging.progress_every_s = 1e-9
-  trainer.train_sweep(c, str(tmp_path))
+  loop.train_sweep(setup.setup_sweep(c, str(tmp_path)))
   out = [line for line in capsys.readouterr().out.splitlines() if line.startswith('[ar0]')]
   progress = [line for line in out if ' step ' in line]
   assert [line.split(' step ')[1].split()[0] for line in progress] == [f'{k}/8' for k in range(1, 7)]
@@ -82,7 +89,7 @@ def test_microbatched_steps_print_progress_from_inside_the_step(tmp_path, capsys
   c.sweep, c.train.epochs, c.analysis.enabled = (0.0,), 1, False
   c.data.train_size, c.train.batch_size, c.train.microbatches = 64, 32, 4  # 2 steps of 4 microbatches
   c.logging.progress_every_s = 1e-9
-  trainer.train_sweep(c, str(tmp_path))
+  loop.train_sweep(setup.setup_sweep(c, str(tmp_path)))
   out = [line for line in capsys.readouterr().out.splitlines() if line.startswith('[ar0]')]
   inside = [line.split(' step ')[1].split(' done')[0] for line in out if 'microbatch' in line]
   assert inside == [f'{s}/2, microbatch {i}/4' for s in (1, 2) for i in range(1, 5)], out

@@ -1,5 +1,7 @@
-"""Gradient accumulation over microbatches (config.train.microbatches) and the memory plan (arreg_jax.memory_plan)."""
+"""Gradient accumulation over microbatches (config.train.microbatches) and the memory plan
+(arreg_jax.training.memory_plan)."""
 
+import functools
 import types
 
 import jax
@@ -8,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from arreg_jax import configuration, memory_plan, models, sharding, train, trainer
+from arreg_jax import configuration, models, sharding
 from arreg_jax.data import augment
 from arreg_jax.errors import ConfigError, MemoryPlanError
+from arreg_jax.training import memory_plan, setup, state as state_lib, step as step_lib
 
 B = 16
 
@@ -20,34 +23,38 @@ def _setup(random_start=True, lam=0.0):
   cfg.attack.steps = 2
   cfg.attack.random_start = random_start
   cfg.regularizer.margin_lambda = lam
+  cfg.train.batch_size = B
   module = models.get_module('mlp', num_classes=10)
   _, variables = models.create('mlp', num_classes=10, key=jax.random.key(0), input_shape=(28, 28, 1))
-  tx = train.make_optimizer(cfg.train, 4)
   mesh = sharding.make_mesh()
-  state = jax.device_put(train.init_state(variables, tx), sharding.replicated(mesh))
+  spec = step_lib.step_spec(cfg, module=module, adversarial=True, augment='none', steps_per_epoch=4,
+                            batch_sharding=sharding.batch_sharding(mesh))
+  state = jax.device_put(state_lib.init_state(variables, spec.optimizer), sharding.replicated(mesh))
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8))
   labels = jnp.asarray(rng.integers(0, 10, (32,)), jnp.int32)
-  kw = dict(config=cfg, adversarial=True, augment_kind='none', steps_per_epoch=4,
-            batch_sharding=sharding.batch_sharding(mesh))
-  return cfg, module, tx, state, images, labels, kw
+  return cfg, spec, state, images, labels
 
 
 def _hyper(cfg):
-  return train.step_hyper(cfg, 0.1, jax.random.key(1))
+  return step_lib.step_hyper(cfg, 0.1, jax.random.key(1))
 
 
-def _step(module, tx, state, images, labels, k, kw):
-  step = jax.jit(train.train_step_fn(module, tx, microbatches=k, **kw))
-  return step(state, images, labels, jnp.arange(B, dtype=jnp.int32), _hyper(kw['config']))
+def _jitted(spec):
+  return functools.partial(jax.jit(step_lib.train_step, static_argnums=0), spec)
+
+
+def _step(cfg, spec, state, images, labels, k, progress=None):
+  step = _jitted(spec.replace(microbatches=k, progress=progress))
+  return step(state, images, labels, jnp.arange(B, dtype=jnp.int32), _hyper(cfg))
 
 
 @pytest.mark.parametrize('lam', [0.0, 0.5])
 def test_microbatches_give_the_update_of_one_batch(lam):
   """Without BatchNorm and random start, PGD is per example: k = 4 microbatches of 4 = one batch of 16."""
-  _, module, tx, state, images, labels, kw = _setup(random_start=False, lam=lam)
-  s1, m1 = _step(module, tx, state, images, labels, 1, kw)
-  s4, m4 = _step(module, tx, state, images, labels, 4, kw)
+  cfg, spec, state, images, labels = _setup(random_start=False, lam=lam)
+  s1, m1 = _step(cfg, spec, state, images, labels, 1)
+  s4, m4 = _step(cfg, spec, state, images, labels, 4)
   assert int(s4.step) == 1 and float(m4['count']) == B
   for key in m1:
     np.testing.assert_allclose(float(m4[key]), float(m1[key]), rtol=1e-5)
@@ -57,10 +64,10 @@ def test_microbatches_give_the_update_of_one_batch(lam):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def _reference_step(module, tx, *, config, strength, augment_kind, steps_per_epoch, batch_sharding, base_key):
+def _reference_step(module, tx, *, config, strength, augment_kind, batch_sharding, base_key):
   """The training step as it was before microbatches existed (no regularizer, ε a constant), for the bit-for-bit
   check."""
-  attack = train.make_attack(config.attack)
+  attack = step_lib.AttackSpec.from_config(config.attack)
   eps = float(strength) * float(config.attack.strength_unit)
 
   def step(state, images, labels, batch_index):
@@ -68,9 +75,9 @@ def _reference_step(module, tx, *, config, strength, augment_kind, steps_per_epo
     x = jax.lax.with_sharding_constraint(images[batch_index], batch_sharding)
     y = jax.lax.with_sharding_constraint(labels[batch_index], batch_sharding)
     x = augment.preprocess(k_aug, x, kind=augment_kind, train=True)
-    fixed = train.logits_fn_of(module, state.variables(), train=False)
+    fixed = step_lib.logits_fn_of(module, state.variables(), train=False)
     x = attack(fixed, x, y, k_att, eps)
-    loss_fn = lambda p: train.update_loss(module, p, state.batch_stats, x, y, 0.0, 1.0, 0.0)
+    loss_fn = lambda p: step_lib.update_loss(module, p, state.batch_stats, x, y, 0.0, 1.0, 0.0)
     (loss, (logits, new_stats, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -82,11 +89,12 @@ def _reference_step(module, tx, *, config, strength, augment_kind, steps_per_epo
 
 
 def test_one_microbatch_is_the_unsplit_program_bit_for_bit():
-  cfg, module, tx, state, images, labels, kw = _setup(random_start=True)
+  cfg, spec, state, images, labels = _setup(random_start=True)
   assert cfg.train.microbatches == 1  # the default
-  ref_kw = {**{k: v for k, v in kw.items() if k != 'adversarial'}, 'strength': 0.1, 'base_key': jax.random.key(1)}
-  ref = jax.jit(_reference_step(module, tx, **ref_kw))
-  new = jax.jit(train.train_step_fn(module, tx, **kw))
+  ref = jax.jit(_reference_step(spec.module, spec.optimizer.transform(), config=cfg, strength=0.1,
+                                augment_kind='none', batch_sharding=spec.batch_sharding,
+                                base_key=jax.random.key(1)))
+  new = _jitted(spec)
   a, b, index = state, state, jnp.arange(B, dtype=jnp.int32)
   for t in range(2):
     a, ma = ref(a, images, labels, index + t)
@@ -111,8 +119,8 @@ def test_microbatch_validation_names_the_fix():
   c.train.microbatches, c.train.batch_size = 8, 64  # microbatches of 8 on 16 devices
   ds = types.SimpleNamespace(train_images=np.zeros((256, 1)), name='x')
   with pytest.raises(ConfigError, match='multiple of 16'):
-    trainer.check_sizes(c, ds, types.SimpleNamespace(size=16))
-  trainer.check_sizes(c, ds, types.SimpleNamespace(size=8))
+    setup.check_sizes(c, ds, types.SimpleNamespace(size=16))
+  setup.check_sizes(c, ds, types.SimpleNamespace(size=8))
 
 
 class _FakeProgram:
@@ -149,11 +157,11 @@ def test_auto_picks_the_smallest_count_that_fits():
 
 def test_real_compiled_step_is_planned():
   """The compiled mlp step's own footprint: fits in the host's memory, and not in 1 kB."""
-  _, module, tx, state, images, labels, kw = _setup()
+  cfg, spec, state, images, labels = _setup()
   idx = jnp.arange(B, dtype=jnp.int32)
-  hyper = _hyper(kw['config'])
-  compile_k = lambda k: jax.jit(train.train_step_fn(module, tx, microbatches=k, **kw)).lower(
-      state, images, labels, idx, hyper).compile()
+  hyper = _hyper(cfg)
+  step = jax.jit(step_lib.train_step, static_argnums=0)
+  compile_k = lambda k: step.lower(spec.replace(microbatches=k), state, images, labels, idx, hyper).compile()
   free = memory_plan.free_bytes()
   assert free is not None and free > 0
   k, program = memory_plan.plan_train_step(compile_k, 2, [1, 2, 4], what='t', free=free)
@@ -174,14 +182,13 @@ def test_eval_plan_chunks_the_attack_and_then_suggests_a_batch_size():
 
 
 def test_microbatches_report_their_progress_to_the_host():
-  _, module, tx, state, images, labels, kw = _setup()
+  cfg, spec, state, images, labels = _setup()
   seen = []
-  with train.microbatch_listener(lambda step, i: seen.append((step, i))):
-    s, m = _step(module, tx, state, images, labels, 4, kw)
-    jax.block_until_ready(m)
-    jax.effects_barrier()
+  s, m = _step(cfg, spec, state, images, labels, 4, progress=lambda step, i: seen.append((step, i)))
+  jax.block_until_ready(m)
+  jax.effects_barrier()
   assert sorted(set(seen)) == [(0, 0), (0, 1), (0, 2), (0, 3)]
   seen.clear()
-  _step(module, tx, s, images, labels, 4, kw)  # no listener: nothing is called, nothing fails
+  _step(cfg, spec, s, images, labels, 4)  # no progress callback: nothing is called, nothing fails
   jax.effects_barrier()
   assert not seen

@@ -1,5 +1,5 @@
 """Two processes (hosts) as one JAX system, for real: two CPU processes with two devices each, joined by
-``jax.distributed`` (config.distributed) and gloo, train and analyse a smoke sweep into one work directory; the
+``jax.distributed`` (config.distributed) and gloo, train and analyze a smoke sweep into one work directory; the
 result equals one process with four devices."""
 
 import json

@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arreg_jax import attacks, configuration, models, sharding, train
+import functools
+
+from arreg_jax import attacks, configuration, models, sharding
+from arreg_jax.training import state as state_lib, step as step_lib
 
 
 @pytest.mark.slow  # 32 s: three adversarial epochs
@@ -18,13 +21,12 @@ def test_bfloat16_training_learns_and_attacks_stay_in_ball(mnist_small):
   module = models.get_module('small_cnn', num_classes=10, dtype=models.compute_dtype(cfg.precision))
   _, variables = models.create('small_cnn', num_classes=10, key=jax.random.key(0))
   steps = ds.num_train // 128
-  tx = train.make_optimizer(cfg.train, steps)
   mesh = sharding.make_mesh()
-  state = jax.device_put(train.init_state(variables, tx), sharding.replicated(mesh))
-  multi = train.make_multi_step(module, tx, steps_per_call=steps, batch_size=128, config=cfg, adversarial=True,
-                                augment_kind='none', steps_per_epoch=steps,
-                                batch_sharding=sharding.batch_sharding(mesh))
-  hyper = train.step_hyper(cfg, 0.1, jax.random.key(1))
+  spec = step_lib.step_spec(cfg, module=module, adversarial=True, augment='none', steps_per_epoch=steps,
+                            batch_sharding=sharding.batch_sharding(mesh), steps_per_call=steps)
+  state = jax.device_put(state_lib.init_state(variables, spec.optimizer), sharding.replicated(mesh))
+  multi = functools.partial(step_lib.train_steps, spec)
+  hyper = step_lib.step_hyper(cfg, 0.1, jax.random.key(1))
   images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
   for epoch in range(3):
     perm = jnp.asarray(np.random.default_rng(epoch).permutation(ds.num_train), jnp.int32)

@@ -1,11 +1,17 @@
-"""One compilation per sweep: members that differ in ε (and λ, β, keys) share their compiled programs."""
+"""One compilation per sweep: members that differ in ε (and λ, β, keys) share their compiled programs, through
+``jax.jit``'s own cache of the static step spec."""
 
+import collections
 import json
 
 import jax
 import pytest
 
-from arreg_jax import configuration, programs, rundir, sweep, train, trainer
+from arreg_jax import configuration, models, rundir, sharding, sweep
+from arreg_jax.training import eval_step, loop, setup
+from arreg_jax.training import step as step_lib
+
+COMPILE = '/jax/core/compile/backend_compile_duration'
 
 
 def _config(sweep_strengths=(0.0, 2.0, 4.0)):
@@ -21,62 +27,73 @@ def _config(sweep_strengths=(0.0, 2.0, 4.0)):
   return cfg
 
 
-def test_program_key_ignores_only_the_traced_values():
+def _spec(cfg, strength):
+  module = models.get_module(cfg.model.name, num_classes=10)
+  return step_lib.step_spec(cfg, module=module, adversarial=step_lib.is_adversarial(cfg, strength), augment='none',
+                            steps_per_epoch=4, batch_sharding=sharding.batch_sharding(sharding.make_mesh()))
+
+
+def test_the_static_spec_ignores_only_the_traced_values():
   cfg = _config()
-  key = lambda c, s: train.program_key(c, s)
-  assert key(cfg, 2.0) == key(cfg, 4.0)  # ε is traced
-  assert key(cfg, 0.0) != key(cfg, 2.0)  # no attack at all
+  assert _spec(cfg, 2.0) == _spec(cfg, 4.0) and hash(_spec(cfg, 2.0)) == hash(_spec(cfg, 4.0))  # ε is traced
+  assert _spec(cfg, 0.0) != _spec(cfg, 2.0)  # no attack at all
   other_seed = cfg.copy_and_resolve_references()
   other_seed.seed = 7
-  assert key(other_seed, 2.0) == key(cfg, 2.0)  # keys are traced
+  assert _spec(other_seed, 2.0) == _spec(cfg, 2.0)  # keys are traced
   for path, value in (('model.name', 'small_cnn'), ('attack.steps', 3), ('attack.kind', 'fgsm'),
-                      ('train.learning_rate', 0.3), ('eval.pgd_eps', 0.1), ('train.microbatches', 2)):
+                      ('train.learning_rate', 0.3), ('train.microbatches', 2)):
     c = cfg.copy_and_resolve_references()
     block, field = path.split('.')
     c[block][field] = value
-    assert key(c, 2.0) != key(cfg, 2.0), path
+    assert _spec(c, 2.0) != _spec(cfg, 2.0), path
   a, b, off = (cfg.copy_and_resolve_references() for _ in range(3))
   a.regularizer.margin_lambda, b.regularizer.margin_lambda = 0.5, 1.0
-  assert key(a, 2.0) == key(b, 2.0) != key(off, 2.0)  # λ traced; whether the term is on is not
+  assert _spec(a, 2.0) == _spec(b, 2.0) != _spec(off, 2.0)  # λ traced; whether the term is on is not
+  # The evaluation attack is the evaluation step's: a different ε there compiles another evaluation program.
+  other_eval = cfg.copy_and_resolve_references()
+  other_eval.eval.pgd_eps = 0.1
+  assert eval_step.pgd_spec(other_eval) != eval_step.pgd_spec(cfg)
 
 
 def test_step_hyper_values():
   cfg = _config()
   cfg.attack.strength_unit = 0.5
   cfg.regularizer.margin_lambda, cfg.regularizer.ortho_beta = 0.25, 1e-3
-  h = train.step_hyper(cfg, 3.0, jax.random.key(0))
+  h = step_lib.step_hyper(cfg, 3.0, jax.random.key(0))
   assert (float(h.eps), float(h.margin_lambda), float(h.ortho_beta)) == pytest.approx((1.5, 0.25, 1e-3))
-  assert train.is_adversarial(cfg, 3.0) and not train.is_adversarial(cfg, 0.0)
+  assert step_lib.is_adversarial(cfg, 3.0) and not step_lib.is_adversarial(cfg, 0.0)
   cfg.attack.kind = 'none'
-  assert not train.is_adversarial(cfg, 3.0)
+  assert not step_lib.is_adversarial(cfg, 3.0)
 
 
 def test_a_sweep_compiles_each_program_once_and_members_train_as_alone(tmp_path, monkeypatch):
-  built = []
-  build = programs.build
-  monkeypatch.setattr(programs, 'build', lambda config, strength, *a, **kw: built.append(strength) or
-                      build(config, strength, *a, **kw))
-  compiles = []
-  listener = lambda event, *_, **__: (compiles.append(event) if event == '/jax/core/compile/backend_compile_duration'
-                                      else None)
+  compiles = collections.Counter()  # function name -> backend compilations
+  listener = lambda event, _, fun_name='', **__: compiles.update([fun_name]) if event == COMPILE else None
   jax.monitoring.register_event_duration_secs_listener(listener)
   marks = {}
-  train_member = trainer.train_member
+  train_member = loop.train_member
 
   def counted(config, member, *a, **kw):
+    before = collections.Counter(compiles)
     out = train_member(config, member, *a, **kw)
-    marks[member.name] = len(compiles)
+    marks[member.name] = compiles - before
     return out
 
-  monkeypatch.setattr(trainer, 'train_member', counted)
+  monkeypatch.setattr(loop, 'train_member', counted)
   try:
-    trainer.train_sweep(_config(), str(tmp_path / 'sweep'))
+    loop.train_sweep(setup.setup_sweep(_config(), str(tmp_path / 'sweep')))
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  assert built == [0.0, 2.0]  # AR 4 runs the programs compiled for AR 2
-  assert marks['ar4'] == marks['ar2'], 'the third member compiled something'
+  # Standard training and the first adversarial member each compile their training program once: the program the
+  # memory plan compiled ahead of time is the one then called. AR 4 runs the programs compiled for AR 2.
+  for name in ('ar0', 'ar2'):
+    assert marks[name]['jit(train_steps)'] == 1, (name, marks[name])
+  # Evaluation: PGD on the test set (planned ahead, then called), clean on the test set and on the training set;
+  # they do not depend on the training attack, so the adversarial members reuse standard training's.
+  assert marks['ar0']['jit(eval_batch)'] == 3 and marks['ar2']['jit(eval_batch)'] == 0, marks
+  assert not marks['ar4'], f'the third member compiled something: {marks["ar4"]}'
 
-  trainer.train_sweep(_config((4.0,)), str(tmp_path / 'alone'))
+  loop.train_sweep(setup.setup_sweep(_config((4.0,)), str(tmp_path / 'alone')))
   shared = rundir.read_json(str(tmp_path / 'sweep' / 'ar4' / rundir.FINAL))
   alone = rundir.read_json(str(tmp_path / 'alone' / 'ar4' / rundir.FINAL))
   assert json.dumps(shared['row'], sort_keys=True) == json.dumps(alone['row'], sort_keys=True)

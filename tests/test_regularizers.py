@@ -11,9 +11,17 @@ import numpy as np
 import optax
 import pytest
 
-from arreg_jax import configuration, models, regularizers, restore, sharding, train, trainer
+from arreg_jax import configuration, models, regularizers, sharding
 from arreg_jax.analysis import margin_tracking, smoothness
 from arreg_jax.data import get_dataset
+from arreg_jax.training import checkpoints, loop, setup, state as state_lib, step as step_lib
+
+
+def _train_step(cfg, module, *, adversarial):
+  """``(spec, jitted step(state, images, labels, batch_index, hyper))`` of the training step (state donated)."""
+  spec = step_lib.step_spec(cfg, module=module, adversarial=adversarial, augment='none', steps_per_epoch=4,
+                            batch_sharding=sharding.batch_sharding(sharding.make_mesh()))
+  return spec, jax.jit(lambda *a: step_lib.train_step(spec, *a), donate_argnums=(0,))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,14 +177,12 @@ def test_regularized_train_step_runs_and_reports_margin_term():
   cfg.regularizer.margin_lambda, cfg.regularizer.margin_gamma, cfg.regularizer.ortho_beta = 0.5, 2.0, 1e-3
   module = models.get_module('mlp', num_classes=10)
   _, variables = models.create('mlp', num_classes=10, key=jax.random.key(0))
-  tx = train.make_optimizer(cfg.train, 4)
-  mesh = sharding.make_mesh()
-  state = train.init_state(variables, tx)
-  step = train.make_train_step(module, tx, config=cfg, adversarial=False, augment_kind='none', steps_per_epoch=4,
-                               batch_sharding=sharding.batch_sharding(mesh))
+  spec, step = _train_step(cfg, module, adversarial=False)
+  state = state_lib.init_state(variables, spec.optimizer)
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8))
   labels = jnp.asarray(np.arange(16) % 10, jnp.int32)
-  state, m = step(state, images, labels, jnp.arange(8, dtype=jnp.int32), train.step_hyper(cfg, 0.0, jax.random.key(1)))
+  state, m = step(state, images, labels, jnp.arange(8, dtype=jnp.int32),
+                  step_lib.step_hyper(cfg, 0.0, jax.random.key(1)))
   assert 'margin_term_sum' in m and np.isfinite(float(m['margin_term_sum']))
   assert 0.0 <= float(m['margin_term_sum']) <= 2.0 * 8
 
@@ -198,15 +204,12 @@ def test_spectral_norm_u_updated_by_the_train_step_only():
   cfg.attack.steps = 2
   cfg.attack.strength_unit = 1.0
   cfg.attack.step_size = 0.05
-  tx = train.make_optimizer(cfg.train, 4)
-  mesh = sharding.make_mesh()
-  state = train.init_state(variables, tx)
-  step = train.make_train_step(module, tx, config=cfg, adversarial=True, augment_kind='none', steps_per_epoch=4,
-                               batch_sharding=sharding.batch_sharding(mesh))
+  spec, step = _train_step(cfg, module, adversarial=True)
+  state = state_lib.init_state(variables, spec.optimizer)
   images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8))
   labels = jnp.arange(8, dtype=jnp.int32) % 10
   new, _ = step(jax.tree.map(jnp.copy, state), images, labels, jnp.arange(8, dtype=jnp.int32),
-                train.step_hyper(cfg, 0.1, jax.random.key(1)))
+                step_lib.step_hyper(cfg, 0.1, jax.random.key(1)))
   for a, b in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(once)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -263,12 +266,12 @@ def _track_config(workdir):
 
 def test_margin_tracking_matches_direct_computation_from_the_final_checkpoint(tmp_path):
   cfg = _track_config(tmp_path)
-  trainer.train_sweep(cfg, str(tmp_path))
+  loop.train_sweep(setup.setup_sweep(cfg, str(tmp_path)))
   run = tmp_path / 'ar0'
   rows = [json.loads(line) for line in open(run / 'metrics.jsonl')]
   assert sorted(os.listdir(run / 'margins')) == ['epoch1.npz', 'epoch2.npz']
   assert 'train_margin_term' in rows[-1] and 'ortho_penalty' in rows[-1]
-  config, module, variables, ds, _ = restore.restore_run(str(run))
+  config, module, variables, ds, _ = checkpoints.restore_run(str(run))
   for split in ('train', 'test'):
     images = jnp.asarray(getattr(ds, f'{split}_images'), jnp.float32) / 255.0
     labels = np.asarray(getattr(ds, f'{split}_labels'))

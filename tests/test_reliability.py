@@ -1,14 +1,21 @@
-"""Nothing lost, nothing silently wrong: damaged checkpoints, results reused under another config, failed writes,
-and a table of bad inputs that must each give one clear line, exit status 2, and leave an existing workdir as it was."""
+"""Nothing lost, nothing silently wrong: damaged checkpoints and result files, results reused under another config,
+failed writes, Ctrl-C, and a table of bad inputs that must each give one clear line, exit status 2 (130 for Ctrl-C),
+and leave an existing workdir as it was."""
 
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
+
+from arreg_jax.data import tiny_imagenet
+from arreg_jax.errors import ConfigError
+from arreg_jax.training import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--config', 'configs/mnist.py:smoke', '--config.sweep=(0.1,)', '--config.train.epochs=3',
@@ -184,3 +191,82 @@ def test_an_optional_value_can_be_set_back_to_none(tmp_path):
   assert cfg['eval']['pgd_examples_per_epoch'] is None
   rows = [json.loads(line) for line in open(tmp_path / 'w' / 'ar0' / 'metrics.jsonl')]
   assert rows[-1]['pgd_examples'] == 128  # the whole smoke test set
+
+
+# Every way a run ends is the entry point's: damaged files, requests the data cannot meet, impossible values, Ctrl-C.
+
+def test_analyze_on_a_truncated_final_json_is_one_clear_line(tmp_path):
+  """A sweep whose run's final.json was cut short: one line naming the file and what to do, nothing changed."""
+  w = tmp_path / 'w'
+  for name, final in (('ar0', '{"row": {"strength": 0.0}}\n'), ('ar0.1', '{"row": {"stren')):
+    (w / name).mkdir(parents=True)
+    (w / name / 'config.json').write_text(json.dumps({'strength': float(name[2:])}))
+    (w / name / 'final.json').write_text(final)
+  before = _tree(w)
+  line = _one_clear_line(_main(w, module='arreg_jax.analyze', timeout=120))
+  assert f'{w / "ar0.1" / "final.json"} is damaged' in line and 'delete it and run the training command' in line, line
+  assert _tree(w) == before
+
+
+def test_a_corrupt_sweep_config_json_is_one_clear_line(tmp_path):
+  w = tmp_path / 'w'
+  w.mkdir()
+  (w / 'config.json').write_text('{"seed": 0, "train": {')
+  before = _tree(w)
+  line = _one_clear_line(_main(w, '--config', 'configs/mnist.py:smoke', timeout=120))
+  assert f'{w / "config.json"} is damaged' in line and 'delete it' in line, line
+  assert _tree(w) == before
+
+
+def test_more_tiny_imagenet_classes_than_the_copy_holds_is_an_error(tmp_path):
+  from test_data import _make_tiny  # pylint: disable=g-import-not-at-top
+  _make_tiny(tmp_path / 'data')  # 4 wnids, training images for 3 of them
+  with pytest.raises(ConfigError, match=r'classes=4, but .* only 3 of the first 4 classes'):
+    tiny_imagenet.load_files(str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache'), classes=4)
+  assert tiny_imagenet.load_files(str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache'), classes=2).num_classes == 2
+  line = _one_clear_line(_main(tmp_path / 'w', '--config', 'configs/tiny_imagenet.py:smoke',
+                               f'--config.data.data_dir={tmp_path / "data"}', '--config.data.classes=4',
+                               f'--config.data.cache_dir={tmp_path / "cache"}', timeout=120))
+  assert 'only 3 of the first 4 classes' in line, line
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config.logging.progress_every_s=-1.0'], 'config.logging.progress_every_s must be >= 0, got -1.0'),
+    (['--config.attack.step_size=-0.1'], 'config.attack.step_size must be None or > 0, got -0.1'),
+    (['--config.attack.step_size_rel=0.0'], 'config.attack.step_size_rel must be None or > 0, got 0.0'),
+])
+def test_impossible_values_name_the_rule(tmp_path, args, message):
+  line = _one_clear_line(_main(tmp_path / 'w', '--config', 'configs/mnist.py:smoke', *args, timeout=120))
+  assert message in line, line
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_is_one_line_and_the_resume_is_exact(finished, tmp_path):
+  w = tmp_path / 'w'
+  proc = subprocess.Popen([sys.executable, '-m', 'arreg_jax.main', '--workdir', str(w), *ARGS], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:
+    if 'epoch 1/3' in line:
+      proc.send_signal(signal.SIGINT)
+      break
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, (proc.returncode, err[-3000:])
+  assert 'Traceback' not in err, err[-3000:]
+  lines = [line for line in err.splitlines() if line.startswith('interrupted: ')]
+  assert len(lines) == 1 and 'run the same command again' in lines[0], err[-3000:]
+  r = _main(w, *ARGS)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'resuming after epoch' in r.stdout
+  assert json.load(open(w / 'ar0.1' / 'final.json'))['row'] == json.load(open(finished / 'ar0.1' / 'final.json'))['row']
+
+
+def test_checkpoint_writer_hooks_are_restored_even_after_a_failed_save():
+  """The hooks that turn orbax's writer-thread errors into log lines are installed around a save only."""
+  saved = (sys.excepthook, sys.unraisablehook, threading.excepthook)
+  with pytest.raises(OSError, match='No space left'):
+    with checkpoints.writer_errors_logged():
+      assert sys.excepthook is not saved[0] and threading.excepthook is not saved[2]
+      raise OSError(28, 'No space left on device')
+  assert (sys.excepthook, sys.unraisablehook, threading.excepthook) == saved

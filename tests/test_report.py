@@ -48,7 +48,7 @@ def _record(s, *, clip=None, paper_like=True, n_layers=6):
 
 
 def _verdicts(records):
-  return {c['id']: c['verdict'] for c in claims.evaluate(records)}
+  return {c['id']: c['verdict'] for c in claims.check_claims(records)}
 
 
 def test_claims_hold_on_a_paper_like_sweep():
@@ -77,7 +77,7 @@ def test_claim5_needs_more_than_half_of_the_layers():
   hi['sv_std'] = [0.5, 0.5, 2.0, 2.0]  # exactly half shrink: not "most"
   assert _verdicts([lo, hi])[5] == 'does not hold'
   hi['sv_std'] = [0.5, 0.5, 0.5, 2.0]
-  c5 = [c for c in claims.evaluate([lo, hi]) if c['id'] == 5][0]
+  c5 = [c for c in claims.check_claims([lo, hi]) if c['id'] == 5][0]
   assert c5['verdict'] == 'holds'
   cmp = c5['evidence'][0]['comparison']
   assert cmp['decrease_sum'] == pytest.approx(1.5) and cmp['increase_sum'] == pytest.approx(1.0)
@@ -95,7 +95,7 @@ def test_claim7_uses_the_tightest_clip_and_claims_1_to_6_the_unclipped_runs():
       r = _record(s, clip=c, paper_like=False)  # clipped runs go the "wrong" way on claims 1–6 ...
       r['acc_gap'] = 10 - (0.1 * s if falls else -0.1 * s)  # ... but the tightest clip's error gap falls
       recs.append(r)
-  out = claims.evaluate(recs)
+  out = claims.check_claims(recs)
   v = {c['id']: c['verdict'] for c in out}
   assert v == {1: 'holds', 2: 'holds', 3: 'holds', 4: 'holds', 5: 'holds', 6: 'holds', 7: 'holds'}
   assert out[6]['clip'] == 1.0 and out[0]['group']['clip'] is None
@@ -106,7 +106,7 @@ def test_claim7_uses_the_tightest_clip_and_claims_1_to_6_the_unclipped_runs():
 
 
 def test_claims_are_json_serializable():
-  json.dumps(claims.evaluate([_record(s) for s in (0, 0.1, 0.2, 0.3)]))
+  json.dumps(claims.check_claims([_record(s) for s in (0, 0.1, 0.2, 0.3)]))
 
 
 # --- paper numbers, tables
@@ -215,7 +215,7 @@ def _run(module, *args, timeout=400):
                         timeout=timeout)
 
 
-@pytest.mark.slow  # 66 s; test_main's smoke sweep covers train → analyse → report in the default suite
+@pytest.mark.slow  # 66 s; test_main's smoke sweep covers train → analyze → report in the default suite
 def test_smoke_sweep_writes_the_report_and_analyze_reruns_it(tmp_path):
   wd = tmp_path / 'w'
   r = _run('arreg_jax.main', '--config', 'configs/mnist.py:smoke', '--workdir', str(wd), '--config.train.epochs=1')

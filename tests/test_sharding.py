@@ -9,7 +9,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np, ml_collections
-    from arreg_jax import configuration, evaluation, models, sharding, train
+    import functools
+    from arreg_jax import configuration, models, sharding
+    from arreg_jax.training import eval_step, state as state_lib, step as step_lib
     assert jax.device_count() == 8, jax.devices()
     cfg = configuration.base_config()
     cfg.attack.steps = 3
@@ -24,17 +26,17 @@ SCRIPT = textwrap.dedent('''
     for n in (1, 8):
       mesh = sharding.make_mesh(jax.devices()[:n])
       rep = sharding.replicated(mesh)
-      tx = train.make_optimizer(cfg.train, 4)
-      state = jax.device_put(train.init_state(jax.tree.map(jnp.copy, variables), tx), rep)  # step donates it
-      step = train.make_train_step(module, tx, config=cfg, adversarial=True, augment_kind='cifar',
-                                   steps_per_epoch=4, batch_sharding=sharding.batch_sharding(mesh))
-      hyper = train.step_hyper(cfg, 8.0, jax.random.key(1))
+      spec = step_lib.step_spec(cfg, module=module, adversarial=True, augment='cifar', steps_per_epoch=4,
+                                batch_sharding=sharding.batch_sharding(mesh))
+      state = jax.device_put(state_lib.init_state(jax.tree.map(jnp.copy, variables), spec.optimizer), rep)  # donated
+      step = functools.partial(jax.jit(step_lib.train_step, static_argnums=0, donate_argnums=1), spec)
+      hyper = step_lib.step_hyper(cfg, 8.0, jax.random.key(1))
       x, y = jax.device_put(images, rep), jax.device_put(labels, rep)
       for i in range(3):
         state, m = step(state, x, y, np.arange(16 * i, 16 * i + 16, dtype=np.int32), hyper)
       pgd = ml_collections.ConfigDict({'eps': 8 / 255, 'step_size': 2 / 255, 'steps': 3})
-      ev = evaluation.make_eval_step(module, augment_kind='cifar', pgd_cfg=pgd)
-      out = evaluation.evaluate(ev, state.variables(), x, y, batch_size=32, key=jax.random.key(2))
+      ev = eval_step.make_eval_step(module, augment_kind='cifar', pgd_cfg=pgd)
+      out = eval_step.evaluate(ev, state.variables(), x, y, batch_size=32, key=jax.random.key(2))
       results[n] = (state.params, out, float(m['loss_sum']))
     (p1, e1, l1), (p8, e8, l8) = results[1], results[8]
     np.testing.assert_allclose(l1, l8, rtol=1e-4)

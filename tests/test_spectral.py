@@ -7,6 +7,7 @@ Long 2019 give the FFT shortcut that ``spectral`` implements; the oracle does no
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def test_oracle_is_the_wrap_around_convolution(kernel_shape, input_hw, stride):
 @pytest.mark.parametrize('kernel_shape,input_hw,stride', CASES)
 def test_conv_singular_values_match_oracle(kernel_shape, input_hw, stride):
   kernel = _rand(kernel_shape)
-  svs = spectral.conv_singular_values(kernel, input_hw, stride=stride)
+  svs = spectral.conv_singular_values(kernel, input_hw, layout='HWIO', stride=stride)
   kh, kw, cin, cout = kernel_shape
   assert svs.shape == ((input_hw[0] // stride) * (input_hw[1] // stride) * min(stride * stride * cin, cout),)
   _assert_spectrum_close(svs, oracle_svs(kernel, input_hw, (stride, stride)))
@@ -115,7 +116,7 @@ def test_conv_singular_values_match_oracle(kernel_shape, input_hw, stride):
 
 def test_pointwise_conv_repeats_the_matrix_spectrum():
   kernel = _rand((1, 1, 4, 6))
-  svs = np.asarray(spectral.conv_singular_values(kernel, (3, 5)))
+  svs = np.asarray(spectral.conv_singular_values(kernel, (3, 5), layout='HWIO'))
   matrix_svs = np.linalg.svd(kernel[0, 0], compute_uv=False)
   np.testing.assert_allclose(np.sort(svs), np.sort(np.tile(matrix_svs, 15)), rtol=1e-5)
 
@@ -127,7 +128,7 @@ def test_dense_singular_values():
 
 def test_stride_must_divide_input():
   with pytest.raises(ValueError, match='multiple of the stride'):
-    spectral.conv_singular_values(_rand((3, 3, 2, 2)), (7, 7), stride=2)
+    spectral.conv_singular_values(_rand((3, 3, 2, 2)), (7, 7), layout='HWIO', stride=2)
 
 
 # ------------------------------------------------------------------------------------------------- clipping
@@ -140,7 +141,7 @@ def _oracle_norm(kernel, input_hw, stride=1):
 def test_one_and_ten_rounds_on_random_3x3x4x5():
   """The documented sanity numbers: ≈ 1.36 after one round, ≈ 1.03 after ten (8×8 inputs, clip to 1)."""
   kernel = _rand((3, 3, 4, 5))
-  norms = {r: _oracle_norm(spectral.clip_conv_kernel(kernel, 8, 1.0, rounds=r), (8, 8)) for r in (1, 10)}
+  norms = {r: _oracle_norm(spectral.clip_conv_kernel(kernel, 8, 1.0, layout='HWIO', rounds=r), (8, 8)) for r in (1, 10)}
   assert _oracle_norm(kernel, (8, 8)) > 10
   assert 1.2 < norms[1] < 1.5, norms
   assert 1.0 < norms[10] < 1.06, norms
@@ -157,7 +158,7 @@ def test_one_and_ten_rounds_on_random_3x3x4x5():
 def test_clip_reaches_max_sv(kernel_shape, input_hw, stride, rounds, tol):
   kernel = 3 * _rand(kernel_shape)
   c = 1.0
-  clipped = spectral.clip_conv_kernel(kernel, input_hw, c, rounds=rounds, stride=stride)
+  clipped = spectral.clip_conv_kernel(kernel, input_hw, c, layout='HWIO', rounds=rounds, stride=stride)
   assert clipped.shape == kernel.shape and clipped.dtype == kernel.dtype
   assert _oracle_norm(kernel, input_hw, stride) > 2 * c
   assert _oracle_norm(clipped, input_hw, stride) <= c * (1 + tol)
@@ -170,7 +171,7 @@ def test_clip_first_round_is_sedghi_projection():
   u, s, vh = np.linalg.svd(f, full_matrices=False)
   f_clipped = np.einsum('...ik,...k,...kj->...ij', u, np.minimum(s, c), vh)
   expected = np.real(np.fft.ifft2(f_clipped, axes=(0, 1)))[:3, :3]
-  np.testing.assert_allclose(spectral.clip_conv_kernel(kernel, 8, c), expected, atol=1e-5)
+  np.testing.assert_allclose(spectral.clip_conv_kernel(kernel, 8, c, layout='HWIO'), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize('kernel_shape,input_hw,stride', [((3, 3, 4, 5), (8, 8), 1), ((3, 3, 4, 6), (8, 8), 2),
@@ -178,14 +179,14 @@ def test_clip_first_round_is_sedghi_projection():
 def test_clip_leaves_kernel_under_max_sv_unchanged(kernel_shape, input_hw, stride):
   kernel = _rand(kernel_shape)
   kernel = (kernel / _oracle_norm(kernel, input_hw, stride) * 0.9).astype(np.float32)
-  clipped = spectral.clip_conv_kernel(kernel, input_hw, 1.0, rounds=3, stride=stride)
+  clipped = spectral.clip_conv_kernel(kernel, input_hw, 1.0, layout='HWIO', rounds=3, stride=stride)
   np.testing.assert_array_equal(np.asarray(clipped), kernel)
 
 
 @pytest.mark.parametrize('kernel_shape', [(3, 3, 2, 3), (1, 1, 2, 3)])
 def test_zero_rounds_is_identity(kernel_shape):
   kernel = 5 * _rand(kernel_shape)
-  np.testing.assert_array_equal(np.asarray(spectral.clip_conv_kernel(kernel, 4, 0.1, rounds=0)), kernel)
+  np.testing.assert_array_equal(np.asarray(spectral.clip_conv_kernel(kernel, 4, 0.1, layout='HWIO', rounds=0)), kernel)
 
 
 def test_clip_dense_kernel():
@@ -242,12 +243,16 @@ def test_layer_specs_of_tiny_model(tiny):
   specs = spectral.layer_specs(model, variables, (1, 8, 8, 3))
   assert [(s.name, s.kind, s.stride, s.input_hw) for s in specs] == _EXPECTED_LAYERS
   assert all(s.exact for s in specs)
-  # an apply function (as arreg_jax.models.create returns) gives the same specs, jitted or not
+  assert [s.path for s in specs] == [(name, 'kernel') for name, *_ in _EXPECTED_LAYERS]  # in variables['params']
+  # an apply function (as arreg_jax.models.create returns) gives the same specs, jitted or not; its params are the
+  # whole variables dict, so the paths start with the 'params' collection
   apply_fn = lambda v, x, *, train=False: model.apply(v, x, train=train)
-  assert spectral.layer_specs(apply_fn, variables, (2, 8, 8, 3), train=False) == specs
+  in_params = lambda found: tuple(dataclasses.replace(s, path=s.path[1:]) for s in found)
+  found = spectral.layer_specs(apply_fn, variables, (2, 8, 8, 3), train=False)
+  assert all(s.path[0] == 'params' for s in found) and in_params(found) == specs
   jitted = jax.jit(apply_fn)
   jitted(variables, jnp.zeros((1, 8, 8, 3)))  # a cached trace must not hide the layers
-  assert spectral.layer_specs(jitted, variables, (1, 8, 8, 3)) == specs
+  assert in_params(spectral.layer_specs(jitted, variables, (1, 8, 8, 3))) == specs
 
 
 def test_layer_singular_values_match_oracle(tiny):
@@ -275,7 +280,7 @@ def test_non_divisible_input_is_flagged_inexact():
   variables = _random_variables(Odd(), (1, 7, 7, 2))
   (record,) = spectral.layer_singular_values(Odd(), variables, (1, 7, 7, 2))
   assert not record.exact and record.input_hw == (7, 7)
-  assert record.singular_values.size == 4 * 4 * 2  # analysed on 8×8
+  assert record.singular_values.size == 4 * 4 * 2  # analyzed on 8×8
 
 
 def test_clip_params_batched_equals_per_layer(tiny):
@@ -284,7 +289,7 @@ def test_clip_params_batched_equals_per_layer(tiny):
   specs = spectral.layer_specs(model, variables, (1, 8, 8, 3))
   # add a second layer of the stem's shape so that a group really has several members
   params = dict(params, stem2={'kernel': 2 * params['stem']['kernel'] + 0.1})
-  specs = specs + (spectral.LayerSpec(('stem2',), 'conv', specs[0].kernel_shape, (1, 1), (8, 8)),)
+  specs = specs + (spectral.LayerSpec(('stem2', 'kernel'), 'conv', specs[0].kernel_shape, (1, 1), (8, 8)),)
   params = jax.tree.map(lambda p: 3 * p + 0.05, params)  # make every layer exceed c (Dense init is not zero)
   c, rounds = 0.8, 2
   clipped = spectral.clip_params(params, specs, c, rounds=rounds)
@@ -295,7 +300,7 @@ def test_clip_params_batched_equals_per_layer(tiny):
     if spec.kind == 'dense':
       want = spectral.clip_dense_kernel(kernel, c)
     else:
-      want = spectral.clip_conv_kernel(kernel, spec.input_hw, c, rounds=rounds, stride=spec.stride)
+      want = spectral.clip_conv_kernel(kernel, spec.input_hw, c, layout='HWIO', rounds=rounds, stride=spec.stride)
     np.testing.assert_allclose(got, np.asarray(want), atol=1e-5, err_msg=spec.name)
     assert not np.allclose(got, np.asarray(kernel))
   # untouched leaves come back as they were
@@ -313,7 +318,7 @@ def test_chunked_groups_match_vmapped_groups(tiny, monkeypatch):
   params = jax.tree.map(lambda p: 3 * p, variables['params'])
   specs = {s.name: s for s in spectral.layer_specs(model, variables, (1, 8, 8, 3))}
   params = dict(params, stem2={'kernel': params['stem']['kernel'] + 0.1})
-  specs = (specs['stem'], spectral.LayerSpec(('stem2',), 'conv', specs['stem'].kernel_shape, (1, 1), (8, 8)),
+  specs = (specs['stem'], spectral.LayerSpec(('stem2', 'kernel'), 'conv', specs['stem'].kernel_shape, (1, 1), (8, 8)),
            specs['down'], specs['head'])
   want_clip = spectral.clip_params(params, specs, 0.8, rounds=2)
   want_svs = spectral_model._compiled_svs(specs)(params)
@@ -331,8 +336,8 @@ def test_chunked_groups_match_vmapped_groups(tiny, monkeypatch):
 
 
 def test_clip_params_refuses_one_kernel_at_two_sizes():
-  specs = (spectral.LayerSpec(('a',), 'conv', (3, 3, 2, 2), (1, 1), (8, 8)),
-           spectral.LayerSpec(('a',), 'conv', (3, 3, 2, 2), (1, 1), (4, 4)))
+  specs = (spectral.LayerSpec(('a', 'kernel'), 'conv', (3, 3, 2, 2), (1, 1), (8, 8)),
+           spectral.LayerSpec(('a', 'kernel'), 'conv', (3, 3, 2, 2), (1, 1), (4, 4)))
   with pytest.raises(ValueError, match='two input sizes'):
     spectral.clip_params({'a': {'kernel': jnp.zeros((3, 3, 2, 2))}}, specs, 1.0)
 

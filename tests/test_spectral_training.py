@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from arreg_jax import configuration, presets, restore, spectral, trainer
+from arreg_jax import configuration, presets, spectral
+from arreg_jax.training import checkpoints as restore, loop, setup
 
 
 def _config(**spectral_kw):
@@ -21,7 +22,7 @@ def _config(**spectral_kw):
 
 def test_clipping_every_epoch_bounds_every_layer(tmp_path):
   c = _config(clip_to=1.0, rounds=10)
-  trainer.train_sweep(c, str(tmp_path))
+  loop.train_sweep(setup.setup_sweep(c, str(tmp_path)))
   config, module, variables, ds, _ = restore.restore_run(str(tmp_path / 'ar0.1'))
   assert config.spectral.clip_to == 1.0
   layers = spectral.layer_singular_values(module, variables, (1, *ds.image_shape), train=False)
@@ -34,7 +35,7 @@ def test_clipping_every_epoch_bounds_every_layer(tmp_path):
 
 def test_two_dimensional_sweep_names_runs_by_both(tmp_path):
   c = _config(sweep=(2.0, None))
-  summary = trainer.train_sweep(c, str(tmp_path))
+  summary = loop.train_sweep(setup.setup_sweep(c, str(tmp_path)))
   assert sorted(d for d in os.listdir(tmp_path) if d.startswith('ar')) == ['ar0.1_sp2', 'ar0.1_spnone']
   assert [(r['strength'], r['clip_to']) for r in summary['rows']] == [(0.1, 2.0), (0.1, None)]
   config, _, _, _, _ = restore.restore_run(str(tmp_path / 'ar0.1_sp2'))

@@ -49,13 +49,13 @@ def test_find_runs_reads_configs_not_names(tmp_path):
 
 
 def test_saved_configs_are_compared_outside_the_non_training_blocks():
-  from arreg_jax import config_json, trainer  # pylint: disable=g-import-not-at-top
+  from arreg_jax import config_json  # pylint: disable=g-import-not-at-top
   now = config_json.to_dict(configuration.base_config())
   old = json.loads(json.dumps(now))
   del old['train']['microbatches'], old['logging']  # saved by a version without these keys
   old['analysis']['bins'] = 7
   old['eval']['robustness']['examples'] = 5
-  assert trainer.config_differences(old, now) == []
+  assert configuration.training_differences(old, now) == []
   old['train']['learning_rate'] = 0.3
   old['eval']['pgd_eps'] = 0.1
-  assert trainer.config_differences(old, now) == ['eval.pgd_eps', 'train.learning_rate']
+  assert configuration.training_differences(old, now) == ['eval.pgd_eps', 'train.learning_rate']

@@ -3,7 +3,8 @@
 §4.2.2 argues that the singular values of every weight layer ``W_i`` govern how an input perturbation is amplified
 on its way to the margin (Lemma 3.1), and shows that AR shrinks their **standard deviation** layer by layer.
 The spectra come from :mod:`arreg_jax.spectral` (convolutions as the circular operators they apply at the input
-size they really see, Sedghi et al. 2019; dense layers as matrices), in forward order.
+size they really see, Sedghi et al. 2019; dense layers as matrices), for the layers found in the model's program
+(:func:`arreg_jax.spectral.layer_specs`: any JAX model), in forward order.
 
 Appendix B.2 quantifies the shrinkage between a weaker (``a``, AR 4) and a stronger (``b``, AR 16) model: split the
 layers into those whose STD decreased (``σ_i^a > σ_i^b``) and those where it increased, and compare
@@ -13,10 +14,9 @@ layers into those whose STD decreased (``σ_i^a > σ_i^b``) and those where it i
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,15 +24,7 @@ import numpy as np
 from arreg_jax import spectral
 
 
-def layer_statistics(module: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]) -> list[dict]:
-  """One dict per weight layer, forward order: name, kind, shapes, and std/mean/min/max/count of its spectrum.
-
-  Args:
-    module: the Flax module.
-    variables: its variables.
-    input_shape: ``(H, W, C)`` of one model input (``Dataset.image_shape``).
-  """
-  layers = spectral.layer_singular_values(module, variables, (1, *input_shape), train=False)
+def _rows(layers: Sequence[spectral.LayerSingularValues]) -> list[dict]:
   out = []
   for index, layer in enumerate(layers):
     stats = spectral.sv_statistics(layer)
@@ -44,6 +36,39 @@ def layer_statistics(module: nn.Module, variables: Mapping[str, Any], input_shap
         'log_min': float(np.log(stats['min'])) if stats['min'] > 0 else float('-inf'),
     })
   return out
+
+
+def layer_statistics(model: Any, params: Any, input_shape: Sequence[int], *,
+                     specs: Sequence[spectral.LayerSpec] | None = None, **apply_kwargs: Any) -> list[dict]:
+  """One dict per linear layer, forward order: name, kind, shapes, and std/mean/min/max/count of its spectrum.
+
+  Args:
+    model: ``apply_fn(params, x) -> logits`` or a linen ``Module`` (see :func:`arreg_jax.spectral.layer_specs`).
+    params: what ``model`` takes (a linen ``Module``'s variables).
+    input_shape: the shape of ONE input, without the batch axis, in the model's layout (e.g. ``(28, 28, 1)``).
+    specs: precomputed layer specs of the model.
+    **apply_kwargs: forwarded to the model (e.g. ``train=False``).
+
+  Returns:
+    ``[{'index', 'name', 'kind', 'kernel_shape', 'stride', 'input_hw', 'exact', 'std', 'mean', 'min', 'max',
+    'count', 'log_max', 'log_min'}, …]`` (JSON-ready; statistics of the operator's full spectrum).
+  """
+  shape = (1, *input_shape)
+  return _rows(spectral.layer_singular_values(model, params, shape, specs=specs, **apply_kwargs))
+
+
+def compare_layers(model: Any, params_a: Any, params_b: Any, input_shape: Sequence[int], **apply_kwargs: Any) -> dict:
+  """Appendix B.2 for two trainings of one architecture (``a`` the weaker AR, ``b`` the stronger): the layers are
+  found once in ``a``'s program, both spectra computed for them, and their STDs compared (:func:`compare_std`).
+
+  Returns:
+    ``{'layers': [name, …], 'std_a': [...], 'std_b': [...], **compare_std_json(std_a, std_b)}``.
+  """
+  specs = spectral.layer_specs(model, params_a, (1, *input_shape), **apply_kwargs)
+  a = layer_statistics(model, params_a, input_shape, specs=specs, **apply_kwargs)
+  b = layer_statistics(model, params_b, input_shape, specs=specs, **apply_kwargs)
+  std_a, std_b = [r['std'] for r in a], [r['std'] for r in b]
+  return {'layers': [r['name'] for r in a], 'std_a': std_a, 'std_b': std_b, **compare_std_json(std_a, std_b)}
 
 
 def compare_std(std_a: jax.Array, std_b: jax.Array) -> dict[str, jax.Array]:

@@ -19,20 +19,25 @@ correctly classified **training** examples, and only perturbed points "still cla
 ``max_correct_only=True`` takes the maximum over the iterates whose prediction is still ``y`` (the clean one is, for a
 correctly classified example, so the estimate stays ≥ 0). The caller selects the examples
 (``arreg_jax.sweep_analysis``, ``config.analysis.loss_variation_split = 'train_correct'``).
+
+:func:`max_loss_increase` is the pure batch kernel; :func:`loss_variation` runs it over a dataset for a model
+``apply_fn(params, x)`` at several radii, in one compiled program (ε is traced).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, Sequence
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from arreg_jax.analysis import margins as margins_lib
-from arreg_jax.data import augment
+from arreg_jax import sharding
+from arreg_jax.analysis import inputs
+from arreg_jax.attacks import losses
 
 
 def max_loss_increase(logits_fn, images: jax.Array, labels: jax.Array, *, eps, step_size, steps: int,
@@ -55,13 +60,13 @@ def max_loss_increase(logits_fn, images: jax.Array, labels: jax.Array, *, eps, s
   chex.assert_equal_shape_prefix([images, labels], 1)
   x0 = images.astype(jnp.float32)
 
-  def losses(x):
+  def loss_terms(x):
     logits = logits_fn(x)
-    per = margins_lib.cross_entropy(logits, labels)
+    per = losses.cross_entropy(logits, labels)
     counted = jnp.where(jnp.argmax(logits, axis=-1) == labels, per, -jnp.inf) if max_correct_only else per
     return jnp.sum(per), (per, counted)
 
-  grad_fn = jax.grad(losses, has_aux=True)
+  grad_fn = jax.grad(loss_terms, has_aux=True)
   zeros = jnp.zeros((x0.shape[0],), jnp.float32)
   start = jnp.full_like(zeros, -jnp.inf) if max_correct_only else zeros
 
@@ -80,17 +85,43 @@ def max_loss_increase(logits_fn, images: jax.Array, labels: jax.Array, *, eps, s
   return lax.stop_gradient(jnp.maximum(best, 0.0))
 
 
-@functools.lru_cache(maxsize=None)
-def make_kernel(module: nn.Module, augment_kind: str, steps: int, step_rel: float, max_correct_only: bool = False):
-  """Jitted ``(variables, images_uint8, labels, mask, eps) -> {'loss_increase': (B,)}``; ε is traced (one program
-  for every radius), the step is ``step_rel · ε``."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _batch(apply_fn, preprocess, steps, step_rel, max_correct_only, params, images, labels, mask, eps):
+  del mask
+  x = images if preprocess is None else preprocess(images)
+  inc = max_loss_increase(lambda z: apply_fn(params, z), x, labels, eps=eps, step_size=step_rel * eps, steps=steps,
+                          max_correct_only=max_correct_only)
+  return {'loss_increase': inc}
 
-  def kernel(variables, images, labels, mask, eps):
-    del mask
-    x = augment.preprocess(None, images, kind=augment_kind, train=False)
-    fn = lambda z: module.apply(variables, z, train=False)
-    inc = max_loss_increase(fn, x, labels, eps=eps, step_size=step_rel * eps, steps=steps,
-                            max_correct_only=max_correct_only)
-    return {'loss_increase': inc}
 
-  return jax.jit(kernel)
+def loss_variation(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, images: Any, labels: Any, *,
+                   eps: Sequence[float] = (1 / 255, 2 / 255, 4 / 255), steps: int = 10, step_rel: float = 0.25,
+                   max_correct_only: bool = False, batch_size: int = 128, mesh: jax.sharding.Mesh | None = None,
+                   limit: int | None = None,
+                   preprocess: Callable[[jax.Array], jax.Array] | None = None) -> dict[float, np.ndarray]:
+  """The largest loss increase L∞ PGD finds in the ball of each radius around every example (appendix B.5).
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> logits (N, K)``.
+    params: the pytree ``apply_fn`` takes.
+    images: ``(N, ...)`` float images in [0, 1] with 4 dimensions, in the model's own layout.
+    labels: int ``(N,)`` in ``[0, K)``.
+    eps: the L∞ radii ε (the paper: 1, 2, 4 /255); one compiled program serves them all.
+    steps: PGD steps T (from the clean input, no random start).
+    step_rel: the step α as a fraction of ε.
+    max_correct_only: only iterates still classified as the label count (draft 003, Fig. 3).
+    batch_size: examples per compiled call; mesh, limit, preprocess: as :func:`arreg_jax.analysis.margins.confidence`.
+
+  Returns:
+    ``{ε: float32 (n,) numpy array of Δℓ_ε ≥ 0}`` in the order of ``eps``.
+  """
+  _, labels = inputs.check_model_inputs(apply_fn, params, images, labels, preprocess=preprocess, limit=limit)
+  radii = [float(e) for e in eps]
+  if not radii or min(radii) < 0:
+    raise ValueError(f'eps must be a non-empty sequence of radii >= 0, got {eps!r}')
+  if isinstance(steps, bool) or int(steps) < 1 or not step_rel > 0:
+    raise ValueError(f'steps must be >= 1 and step_rel > 0, got steps={steps!r}, step_rel={step_rel!r}')
+  kernel = functools.partial(_batch, apply_fn, preprocess, int(steps), float(step_rel), bool(max_correct_only))
+  mesh = mesh or sharding.make_mesh()
+  return {e: sharding.map_batches(kernel, params, images, labels, batch_size=batch_size, mesh=mesh, limit=limit,
+                                  extra=(np.float32(e),))['loss_increase'] for e in radii}

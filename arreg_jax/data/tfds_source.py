@@ -1,5 +1,8 @@
 """MNIST / CIFAR-10 / CIFAR-100 from a prepared TensorFlow Datasets folder, read without TensorFlow.
 
+``tensorflow-datasets`` is an optional dependency (``pip install 'arreg_jax[tfds]'``): it is imported only when a
+dataset is loaded from this source, never when the package is imported.
+
 Offline, a TFDS download retries for minutes before failing, so the builder is first asked whether the dataset is
 already prepared (``builder.is_prepared()``: ``<data_dir>/<name>/<version>/dataset_info.json`` exists); unless
 ``download`` is set, an unprepared dataset fails at once with instructions.
@@ -93,9 +96,11 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None, download: bool = Fa
                       f'{name}.')
   tfds_name, image_key, label_key = TFDS_NAMES[name]
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise DataError(f"{name}: data.source='tfds' needs `pip install tensorflow-datasets`.") from None
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (an optional dependency)
+  except ImportError as e:
+    raise DataError(f"{name}: data.source='tfds' needs the package tensorflow-datasets, which cannot be imported "
+                    f"here ({e}); install it with `pip install 'arreg_jax[tfds]'`, or use data.source='files'."
+                    ) from None
   data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir))) if data_dir else None
   try:
     builder = tfds.builder(tfds_name, data_dir=data_dir)

@@ -8,7 +8,8 @@ Upstream layout (http://cs231n.stanford.edu/tiny-imagenet-200.zip):
 Some images are grayscale; they are converted to RGB.
 
 A partial ``train/`` (some class folders missing) loads what is present, with a warning. ``classes=K`` keeps only
-the first K wnids of ``wnids.txt`` in both splits (labels stay 0..K-1).
+the first K wnids of ``wnids.txt`` in both splits (labels stay 0..K-1), and is refused when the training folders
+miss some of them.
 
 Training examples are ordered class-interleaved (the first image of every class, then the second of every class,
 ...; files sorted by name within a class), so "the first n examples" (``data.train_size``) is class-balanced.
@@ -263,7 +264,7 @@ def load_files(data_dir: str | os.PathLike | None, cache_dir: str | os.PathLike 
     A ``TinyImageNet`` record.
 
   Raises:
-    ConfigError: ``classes`` out of range.
+    ConfigError: ``classes`` out of range, or more classes than the training folders hold.
     DataError: missing or corrupt files, or no training images for the selected classes.
   """
   root = find_root(data_dir)
@@ -277,6 +278,11 @@ def load_files(data_dir: str | os.PathLike | None, cache_dir: str | os.PathLike 
   if not train_entries:
     raise DataError(f'tiny_imagenet: no training JPEGs found in {os.path.join(root, "train", "<wnid>", "images")} '
                     f'for any of the {num_classes} selected classes. {_how()}')
+  if classes is not None and present < num_classes:  # a request the data cannot meet
+    raise ConfigError(f'tiny_imagenet: data.classes={classes}, but {os.path.join(root, "train")} holds training '
+                      f'images for only {present} of the first {num_classes} classes of wnids.txt; lower '
+                      'data.classes (it keeps the first K wnids), set it to None to train on the classes present, '
+                      'or add the missing class folders')
   if present < num_classes:
     logging.warning('tiny_imagenet: %s has training images for only %d of the %d classes in use; training on '
                     'those %d images (the val split keeps all %d classes).', os.path.join(root, 'train'), present,

@@ -166,7 +166,7 @@ def _fmt_trend(p: dict) -> str:
   return text
 
 
-def evaluate(records: Sequence[dict]) -> list[dict]:
+def check_claims(records: Sequence[dict]) -> list[dict]:
   """All seven claims for the per-run ``records`` (from :func:`record_from_analysis`), in order."""
   group, clip = primary_group(records) if records else ([], None)
   out = []

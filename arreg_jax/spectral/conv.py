@@ -241,18 +241,32 @@ def conv_clip_single(kernel: jax.Array, max_sv: jax.Array, plan: ConvPlan, round
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=('input_hw', 'stride'))
-def _conv_singular_values_jit(kernel, input_hw, stride):
+def _layout_perm(layout: str, kernel: jax.Array) -> tuple[int, ...]:
+  """The permutation taking a kernel in ``layout`` (a permutation of 'HWIO', e.g. 'OIHW') to HWIO."""
+  if not isinstance(layout, str) or sorted(layout.upper()) != sorted('HWIO'):
+    raise ValueError(f"layout must name the kernel's axes with the letters H, W, I, O, e.g. 'HWIO' (Flax) or "
+                     f"'OIHW' (Equinox, PyTorch); got {layout!r}")
+  if jnp.ndim(kernel) != 4:
+    raise ValueError(f'kernel must be a 4-D convolution kernel, got shape {jnp.shape(kernel)}')
+  return tuple(layout.upper().index(c) for c in 'HWIO')
+
+
+@functools.partial(jax.jit, static_argnames=('input_hw', 'stride', 'perm'))
+def _conv_singular_values_jit(kernel, input_hw, stride, perm):
+  kernel = jnp.transpose(kernel, perm)
   return conv_svs_single(kernel, make_plan(kernel.shape, input_hw, stride))
 
 
-def conv_singular_values(kernel: jax.Array, input_hw: int | Sequence[int], *,
+def conv_singular_values(kernel: jax.Array, input_hw: int | Sequence[int], *, layout: str,
                          stride: int | Sequence[int] = 1) -> jax.Array:
   """All singular values of a circular 2-D convolution (Sedghi, Gupta & Long 2019), sorted descending.
 
   Args:
-    kernel: Flax HWIO kernel ``(kh, kw, cin, cout)``.
+    kernel: the 4-D kernel, its axes in ``layout``.
     input_hw: spatial size ``(H, W)`` (or one int for square inputs) of the inputs the layer sees.
+    layout: the kernel's axes, a permutation of ``'HWIO'``: ``'HWIO'`` for Flax (linen and NNX), ``'OIHW'`` for
+      Equinox and PyTorch. Required: a kernel's shape does not say its layout (a ``(3, 3, 3, 3)`` kernel reads
+      either way). :func:`arreg_jax.spectral.layer_specs` reads it from a model's program instead.
     stride: the convolution's stride (int or pair); must divide ``input_hw``. Strided convolutions are exact
       (polyphase decomposition, see the module docstring).
 
@@ -262,23 +276,26 @@ def conv_singular_values(kernel: jax.Array, input_hw: int | Sequence[int], *,
     symmetry are already repeated, and a frequency-independent kernel (1×1 conv) has its matrix's singular values
     repeated at every frequency, so plain statistics of the array are statistics of the operator.
   """
-  chex.assert_rank(kernel, 4)
-  return _conv_singular_values_jit(jnp.asarray(kernel), pair(input_hw, 'input_hw'), pair(stride, 'stride'))
+  perm = _layout_perm(layout, kernel)
+  return _conv_singular_values_jit(jnp.asarray(kernel), pair(input_hw, 'input_hw'), pair(stride, 'stride'), perm)
 
 
 @jax.jit
 def dense_singular_values(w: jax.Array) -> jax.Array:
-  """Singular values of a dense ``(in, out)`` kernel, descending (length ``min(in, out)``)."""
+  """Singular values of a dense kernel, descending (length ``min(in, out)``; the same for ``(in, out)`` and its
+  transpose ``(out, in)``)."""
   chex.assert_rank(w, 2)
   return jnp.linalg.svd(w.astype(jnp.float32), compute_uv=False)
 
 
-@functools.partial(jax.jit, static_argnames=('input_hw', 'stride', 'rounds'))
-def _clip_conv_kernel_jit(kernel, max_sv, input_hw, stride, rounds):
-  return conv_clip_single(kernel, max_sv, make_plan(kernel.shape, input_hw, stride), rounds)
+@functools.partial(jax.jit, static_argnames=('input_hw', 'stride', 'rounds', 'perm'))
+def _clip_conv_kernel_jit(kernel, max_sv, input_hw, stride, rounds, perm):
+  hwio = jnp.transpose(kernel, perm)
+  clipped = conv_clip_single(hwio, max_sv, make_plan(hwio.shape, input_hw, stride), rounds)
+  return jnp.transpose(clipped, np.argsort(perm))
 
 
-def clip_conv_kernel(kernel: jax.Array, input_hw: int | Sequence[int], max_sv: float | jax.Array, *,
+def clip_conv_kernel(kernel: jax.Array, input_hw: int | Sequence[int], max_sv: float | jax.Array, *, layout: str,
                      rounds: int = 1, stride: int | Sequence[int] = 1) -> jax.Array:
   """Clips the singular values of a circular convolution at ``max_sv`` (Sedghi, Gupta & Long 2019, §3.2).
 
@@ -297,24 +314,25 @@ def clip_conv_kernel(kernel: jax.Array, input_hw: int | Sequence[int], max_sv: f
   exactly zero).
 
   Args:
-    kernel: Flax HWIO kernel ``(kh, kw, cin, cout)``.
+    kernel: the 4-D kernel, its axes in ``layout``.
     input_hw: spatial size of the layer's inputs, ``(H, W)`` or an int.
     max_sv: the clipping threshold ``c`` (may be traced).
+    layout: the kernel's axes, a permutation of ``'HWIO'`` (``'HWIO'`` Flax, ``'OIHW'`` Equinox/PyTorch); required.
     rounds: number of project-and-clip rounds (static).
     stride: the convolution's stride; must divide ``input_hw``.
 
   Returns:
-    The clipped kernel, same shape and dtype.
+    The clipped kernel, same shape, layout and dtype.
   """
-  chex.assert_rank(kernel, 4)
+  perm = _layout_perm(layout, kernel)
   if rounds < 0:
     raise ValueError(f'rounds must be >= 0, got {rounds}')
   return _clip_conv_kernel_jit(jnp.asarray(kernel), jnp.asarray(max_sv, jnp.float32), pair(input_hw, 'input_hw'),
-                               pair(stride, 'stride'), int(rounds))
+                               pair(stride, 'stride'), int(rounds), perm)
 
 
 @jax.jit
 def clip_dense_kernel(w: jax.Array, max_sv: float | jax.Array) -> jax.Array:
-  """Clips the singular values of a dense ``(in, out)`` kernel at ``max_sv`` (exact in one step)."""
+  """Clips the singular values of a dense kernel at ``max_sv`` (exact in one step; either orientation)."""
   chex.assert_rank(w, 2)
   return dense_clip_single(w, jnp.asarray(max_sv, jnp.float32))

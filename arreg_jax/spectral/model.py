@@ -1,9 +1,11 @@
-"""Every weight layer of a model at once: its spectrum, and one compiled call that clips them all.
+"""Every layer of a model at once: its spectrum, and one compiled call that clips them all.
 
-:func:`layer_specs` finds a Flax model's conv and dense layers in forward order, each with the input size it really
-sees; :func:`layer_singular_values` and :func:`clip_params` apply the single-kernel functions of
-:mod:`arreg_jax.spectral.conv` to all of them in one compiled program, layers of equal shape stacked into one batched
-call (never a Python loop of compiled per-layer calls).
+:func:`layer_singular_values` and :func:`clip_params` apply the single-kernel functions of
+:mod:`arreg_jax.spectral.conv` to every layer that :func:`arreg_jax.spectral.layer_specs` finds in a model's program,
+in one compiled program, layers of equal shape stacked into one batched call (never a Python loop of compiled
+per-layer calls). Each layer's kernel is read from ``params`` in the canonical layout (:mod:`arreg_jax.spectral.layer`)
+and a clipped kernel is written back in the user's own layout, so ``clip_params`` returns ``params`` in the structure it
+was given (a linen dict, an ``nnx.State``, an Equinox module).
 
 Performance notes (XLA:CPU, jax/jaxlib 0.10.2; measured on 2 cores):
 
@@ -20,195 +22,32 @@ Performance notes (XLA:CPU, jax/jaxlib 0.10.2; measured on 2 cores):
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from arreg_jax.spectral.conv import (ConvPlan, conv_clip_single, conv_svs_single, dense_clip_single,
-                                     make_plan, pair)
+from arreg_jax.spectral.conv import conv_clip_single, conv_svs_single, dense_clip_single
+from arreg_jax.spectral.discovery import as_apply, layer_specs
+from arreg_jax.spectral.layer import (LayerSingularValues, LayerSpec, Path, apply_ops, leaf_paths, read_kernel,
+                                      write_kernel)
 
 PyTree = Any
-IntPair = tuple[int, int]
 
 # Upper bound on the bytes of per-frequency matrices (and their SVD factors) that one vmapped chunk of a batched
 # clip may hold; groups of equal layers bigger than this are processed in chunks with ``lax.map(batch_size=...)``.
 _CHUNK_BYTES = 1 << 29
 
-# ----------------------------------------------------------------------------------------------------------------
-# Layers of a model.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-  """One weight layer of a model as the spectral functions see it (hashable: it is a static jit argument).
-
-  Attributes:
-    path: module path inside ``params``; the kernel is ``params[path[0]]...[path[-1]]['kernel']``.
-    kind: ``'conv'`` or ``'dense'``.
-    kernel_shape: HWIO ``(kh, kw, cin, cout)`` for convs, ``(in, out)`` for dense layers.
-    stride: the conv's stride ``(s_h, s_w)``; ``None`` for dense layers.
-    input_hw: spatial size of the inputs the conv really sees in the model; ``None`` for dense layers.
-  """
-  path: tuple[str, ...]
-  kind: str
-  kernel_shape: tuple[int, ...]
-  stride: IntPair | None = None
-  input_hw: IntPair | None = None
-
-  @property
-  def name(self) -> str:
-    return '/'.join(self.path)
-
-  @property
-  def exact(self) -> bool:
-    """False when the stride does not divide the input size (then the size is rounded up, see operator_hw)."""
-    if self.kind != 'conv':
-      return True
-    return self.input_hw[0] % self.stride[0] == 0 and self.input_hw[1] % self.stride[1] == 0
-
-  @property
-  def operator_hw(self) -> IntPair | None:
-    """Input size of the circular operator analysed: ``input_hw`` rounded up to a multiple of the stride."""
-    if self.kind != 'conv':
-      return None
-    return tuple(-(-n // s) * s for n, s in zip(self.input_hw, self.stride))  # type: ignore[return-value]
-
-  def plan(self) -> ConvPlan:
-    return make_plan(self.kernel_shape, self.operator_hw, self.stride)
-
-  @property
-  def num_singular_values(self) -> int:
-    return self.plan().count if self.kind == 'conv' else min(self.kernel_shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSingularValues:
-  """The spectrum of one weight layer (see the module docstring for the conventions).
-
-  Attributes:
-    name: ``'/'``-joined module path.
-    path: module path inside ``params``.
-    kind: ``'conv'`` or ``'dense'``.
-    kernel_shape: the kernel's shape.
-    stride: conv stride, ``None`` for dense layers.
-    input_hw: spatial input size the conv sees in the model, ``None`` for dense layers.
-    singular_values: float32 numpy array, descending, the operator's full multiset (multiplicities included).
-    exact: False when the stride does not divide ``input_hw`` and the spectrum is that of the rounded-up size.
-  """
-  name: str
-  path: tuple[str, ...]
-  kind: str
-  kernel_shape: tuple[int, ...]
-  stride: IntPair | None
-  input_hw: IntPair | None
-  singular_values: np.ndarray
-  exact: bool
-
-
-def _is_conv_module(module: nn.Module) -> bool:
-  return all(hasattr(module, a) for a in ('features', 'kernel_size', 'strides'))
-
-
-def _check_plain_conv(module: nn.Module) -> None:
-  for attr in ('kernel_dilation', 'input_dilation'):
-    if pair(getattr(module, attr, None), attr) != (1, 1):
-      raise NotImplementedError(f'{type(module).__name__} at {module.path}: {attr} != 1 is not supported')
-  if getattr(module, 'feature_group_count', 1) != 1:
-    raise NotImplementedError(f'{type(module).__name__} at {module.path}: grouped convolutions are not supported')
-
-
-def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """A jitted function may not re-run its Python (cached trace), which interceptors need: call the wrapped one."""
-  while hasattr(fn, 'lower') and hasattr(fn, '__wrapped__'):
-    fn = fn.__wrapped__
-  return fn
-
-
-def _get_subtree(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def layer_specs(model: nn.Module | Callable[..., Any], variables: Mapping[str, Any],
-                input_shape: Sequence[int], *, dtype: Any = jnp.float32,
-                **apply_kwargs: Any) -> tuple[LayerSpec, ...]:
-  """The weight layers of a model in forward order, each conv with the spatial size it really sees.
-
-  The model runs once under ``jax.eval_shape`` inside ``flax.linen.intercept_methods``: every ``__call__`` of a
-  conv-like module (one with ``features``, ``kernel_size`` and ``strides`` attributes, e.g.
-  ``arreg_jax.models.layers.Conv`` or ``flax.linen.Conv``) or of a ``flax.linen.Dense`` records the module path,
-  the input shape and the stride. Nothing else about the model is assumed. A module called again with the same
-  input size is listed once; called at two different sizes it is listed twice (and ``clip_params`` refuses it).
-
-  Args:
-    model: a linen ``Module`` (called as ``model.apply(variables, x, **apply_kwargs)``) or an
-      ``apply_fn(variables, x, **apply_kwargs)`` such as the one ``arreg_jax.models.create`` returns.
-    variables: the model's variables; kernels are read from ``variables['params']``.
-    input_shape: shape of one input batch, NHWC, e.g. ``(1, 32, 32, 3)``.
-    dtype: dtype of the abstract input.
-    **apply_kwargs: forwarded to the model (e.g. ``train=False``).
-
-  Returns:
-    A tuple of :class:`LayerSpec`, in the order the layers are called.
-  """
-  fn = model.apply if isinstance(model, nn.Module) else _unwrap(model)
-  params = variables['params']
-  records: list[LayerSpec] = []
-  depth = [0]
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name != '__call__' or depth[0] > 0:
-      return next_fun(*args, **kwargs)
-    if isinstance(module, nn.Dense):
-      kind = 'dense'
-    elif _is_conv_module(module):
-      kind = 'conv'
-      _check_plain_conv(module)
-    else:
-      return next_fun(*args, **kwargs)
-    depth[0] += 1
-    try:
-      out = next_fun(*args, **kwargs)
-    finally:
-      depth[0] -= 1
-    path = tuple(str(p) for p in module.path)
-    try:
-      kernel = _get_subtree(params, path)['kernel']
-    except (KeyError, TypeError) as e:
-      raise ValueError(f'{type(module).__name__} at {"/".join(path)} has no params[...]["kernel"]') from e
-    if kind == 'conv':
-      x_shape = args[0].shape
-      spec = LayerSpec(path, 'conv', tuple(kernel.shape), pair(module.strides, 'strides'),
-                       (int(x_shape[-3]), int(x_shape[-2])))
-    else:
-      spec = LayerSpec(path, 'dense', tuple(kernel.shape))
-    if spec not in records:
-      records.append(spec)
-    return out
-
-  x = jax.ShapeDtypeStruct(tuple(input_shape), dtype)
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda v, xx: fn(v, xx, **apply_kwargs), variables, x)
-  if not records:
-    raise ValueError('no conv or dense layer was called: is the model a flax.linen model, and is its apply '
-                     'function not a cached jax.jit?')
-  return tuple(records)
-
 
 def _group_specs(specs: Sequence[LayerSpec]) -> dict[tuple[Any, ...], list[int]]:
-  """Indices of specs that share (kind, kernel shape, operator size, stride): one vmapped computation each."""
+  """Indices of specs that share (kind, kernel shape, operator size, stride, groups): one vmapped computation each."""
   groups: dict[tuple[Any, ...], list[int]] = collections.OrderedDict()
   for i, spec in enumerate(specs):
-    groups.setdefault((spec.kind, spec.kernel_shape, spec.operator_hw, spec.stride), []).append(i)
+    kind = 'dense' if spec.kind == 'dense' else 'conv'  # a transposed conv is analyzed as its adjoint conv
+    groups.setdefault((kind, spec.kernel_shape, spec.operator_hw, spec.stride, spec.groups), []).append(i)
   return groups
 
 
@@ -242,6 +81,19 @@ def _batched(fn: Callable[[jax.Array], jax.Array], stacked: jax.Array, bytes_per
   return lax.map(fn, stacked, batch_size=per_chunk)
 
 
+def _per_group(fn: Callable[[jax.Array], jax.Array], kernel: jax.Array, groups: int, concat: bool) -> jax.Array:
+  """``fn`` on each feature group's kernel ``(kh, kw, cin_g, cout/groups)`` of a grouped conv's HWIO kernel; the
+  results concatenated (``concat``: spectra, sorted descending) or put back into one kernel."""
+  if groups == 1:
+    return fn(kernel)
+  kh, kw, cin, cout = kernel.shape
+  parts = jnp.moveaxis(kernel.reshape(kh, kw, cin, groups, cout // groups), 3, 0)
+  out = jax.vmap(fn)(parts)
+  if concat:
+    return -jnp.sort(-out.reshape(-1))
+  return jnp.moveaxis(out, 0, 3).reshape(kernel.shape)
+
+
 def on_one_device(tree: PyTree) -> PyTree:
   """``tree`` on this process's first device. The batched SVDs are not data-parallel: on parameters replicated over
   several XLA:CPU devices, XLA runs them on every device and synchronizes the devices in between, and with the
@@ -262,16 +114,19 @@ def on_one_device(tree: PyTree) -> PyTree:
 def _compiled_svs(specs: tuple[LayerSpec, ...]) -> Callable[[PyTree], tuple[jax.Array, ...]]:
 
   def run(params):
+    paths, leaves, _ = leaf_paths(params)
+    by_path = dict(zip(paths, leaves))
     out: list[jax.Array | None] = [None] * len(specs)
     svs = None
     for key, idx in _group_specs(specs).items():
-      stacked = jnp.stack([_get_subtree(params, specs[i].path)['kernel'] for i in idx])
+      stacked = jnp.stack([read_kernel(specs[i], by_path) for i in idx])
       stacked = _after(stacked, svs)  # one batched SVD in flight at a time (see _after)
       if key[0] == 'dense':
         svs = jax.vmap(lambda w: jnp.linalg.svd(w.astype(jnp.float32), compute_uv=False))(stacked)
       else:
-        plan = specs[idx[0]].plan()
-        svs = _batched(lambda k, plan=plan: conv_svs_single(k, plan), stacked, plan.freq_bytes())
+        plan, groups = specs[idx[0]].plan(), key[-1]
+        svs = _batched(lambda k, plan=plan, g=groups: _per_group(lambda kk: conv_svs_single(kk, plan), k, g, True),
+                       stacked, groups * plan.freq_bytes())
       for j, i in enumerate(idx):
         out[i] = svs[j]
     return tuple(out)
@@ -279,74 +134,113 @@ def _compiled_svs(specs: tuple[LayerSpec, ...]) -> Callable[[PyTree], tuple[jax.
   return jax.jit(run)
 
 
-def layer_singular_values(model: nn.Module | Callable[..., Any], variables: Mapping[str, Any],
-                          input_shape: Sequence[int], *, specs: Sequence[LayerSpec] | None = None,
-                          **apply_kwargs: Any) -> list[LayerSingularValues]:
-  """Singular values of every weight layer of a model, in forward order (one compiled call for all layers).
+def _traced_params(model: Any, params: PyTree) -> PyTree:
+  """The params whose leaves the specs of ``model`` refer to (``variables['params']`` for a linen Module)."""
+  return as_apply(model, params, {})[1]
 
-  Convs are analysed at the spatial size they really see (found by :func:`layer_specs`), strided convs exactly by
-  the polyphase decomposition, 1×1 convs as their matrix repeated at every frequency, dense layers as matrices; see
-  the module docstring for the conventions.
+
+def layer_singular_values(model: Any, params: PyTree, input_shape: Sequence[int], *,
+                          specs: Sequence[LayerSpec] | None = None, **apply_kwargs: Any) -> list[LayerSingularValues]:
+  """Singular values of every linear layer of a model, in forward order (one compiled call for all layers).
+
+  Convs are analyzed at the spatial size they really see, as wrap-around operators (Sedghi et al. 2019), strided
+  ones exactly by the polyphase decomposition, transposed ones exactly as the adjoint of a strided conv, grouped ones
+  as the direct sum of their groups; dense layers as matrices. See :mod:`arreg_jax.spectral.conv` for the
+  conventions and :func:`arreg_jax.spectral.layer_specs` for how the layers are found.
 
   Args:
-    model: linen ``Module`` or ``apply_fn(variables, x, **apply_kwargs)``.
-    variables: the model's variables (``{'params': ..., ...}``).
-    input_shape: NHWC shape of an input batch, e.g. ``(1, 32, 32, 3)``.
-    specs: precomputed :func:`layer_specs` (skips tracing the model).
+    model: ``apply_fn(params, x) -> logits`` (e.g. ``*arreg_jax.adapters.nnx(model)``), or a linen ``Module``.
+    params: the pytree of arrays ``apply_fn`` takes; for a linen ``Module``, its variables (``{'params': ...}``).
+    input_shape: shape of an input batch in the model's layout, e.g. ``(1, 32, 32, 3)``.
+    specs: precomputed :func:`layer_specs` of this model (skips tracing it).
     **apply_kwargs: forwarded to the model when tracing it.
 
   Returns:
     A list of :class:`LayerSingularValues`, in forward order.
   """
   if specs is None:
-    specs = layer_specs(model, variables, input_shape, **apply_kwargs)
+    specs = layer_specs(model, params, input_shape, **apply_kwargs)
   specs = tuple(specs)
-  svs = jax.device_get(_compiled_svs(specs)(on_one_device(variables['params'])))
+  svs = jax.device_get(_compiled_svs(specs)(on_one_device(_traced_params(model, params))))
   return [
       LayerSingularValues(s.name, s.path, s.kind, s.kernel_shape, s.stride, s.input_hw, np.asarray(v), s.exact)
       for s, v in zip(specs, svs)
   ]
 
 
+def layer_kernels(params: PyTree, specs: Sequence[LayerSpec]) -> list[jax.Array]:
+  """Each layer's kernel as its operator applies it, in the canonical layout, whatever the model's own.
+
+  Args:
+    params: the params the specs were found in.
+    specs: from :func:`layer_specs`.
+
+  Returns:
+    One array per spec: HWIO ``(kh, kw, cin_per_group, cout)`` for a conv (for a transposed conv: of its adjoint),
+    ``(in, out)`` for a dense layer (so the class vectors of a classifier are its columns).
+  """
+  paths, leaves, _ = leaf_paths(params)
+  by_path = dict(zip(paths, leaves))
+  return [read_kernel(s, by_path) for s in specs]
+
+
 def _check_specs(specs: Sequence[LayerSpec]) -> tuple[LayerSpec, ...]:
-  seen: dict[tuple[str, ...], LayerSpec] = {}
+  seen: dict[Path, LayerSpec] = {}
+  out = []
   for spec in specs:
-    if spec.path in seen and seen[spec.path] != spec:
-      raise ValueError(f'layer {spec.name} is used at two input sizes ({seen[spec.path].input_hw} and '
-                       f'{spec.input_hw}); one kernel cannot be clipped for both operators')
-    seen[spec.path] = spec
-  return tuple(seen.values())
+    if spec.recipe is not None:
+      raise ValueError(
+          f'layer {spec.name} applies a weight computed from params through `{spec.recipe.via}` (e.g. spectral '
+          'normalization\'s division by σ), not the leaf itself: clipping its singular values cannot be written '
+          'back into params. Clip the layers whose weights are plain leaves (filter the specs), or fold the '
+          'transformation into the weights first')
+    old = seen.get(spec.path)
+    if old is None:
+      seen[spec.path] = spec
+      out.append(spec)
+      continue
+    if old == spec:
+      continue
+    if old.ops == spec.ops and old.input_hw != spec.input_hw:
+      raise ValueError(f'layer {spec.name} is used at two input sizes ({old.input_hw} and {spec.input_hw}); '
+                       'one kernel cannot be clipped for both operators')
+    if not any(op[0] == 'slice' for op in old.ops + spec.ops):
+      raise ValueError(f'the weight of layer {spec.name} is used by two operators ({old.layout or old.kind} and '
+                       f'{spec.layout or spec.kind}); one kernel cannot be clipped for both')
+    out.append(spec)
+  return tuple(out)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_clip(specs: tuple[LayerSpec, ...], rounds: int) -> Callable[[PyTree, jax.Array], PyTree]:
 
   def run(params, max_sv):
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    leaves = [leaf for _, leaf in leaves_with_path]
-    index = {tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in kp): i
-             for i, (kp, _) in enumerate(leaves_with_path)}
+    paths, leaves, treedef = leaf_paths(params)
+    index = {path: i for i, path in enumerate(paths)}
     clipped = None
     for key, idx in _group_specs(specs).items():
-      leaf_ids = []
+      leaf_ids, kernels = [], []
       for i in idx:
         spec = specs[i]
-        leaf_id = index.get(spec.path + ('kernel',))
+        leaf_id = index.get(spec.path)
         if leaf_id is None:
-          raise ValueError(f'params have no kernel at {spec.name}/kernel')
-        if tuple(leaves[leaf_id].shape) != spec.kernel_shape:
-          raise ValueError(f'{spec.name}/kernel has shape {leaves[leaf_id].shape}, the spec says '
-                           f'{spec.kernel_shape}')
+          raise ValueError(f'params have no leaf at {"/".join(spec.path)} (layer {spec.name}): pass the params '
+                           'layer_specs found the layer in')
+        kernel = apply_ops(leaves[leaf_id], spec.ops)
+        if tuple(kernel.shape) != spec.kernel_shape:
+          raise ValueError(f'{spec.name}: the kernel has shape {kernel.shape}, the spec says {spec.kernel_shape}')
         leaf_ids.append(leaf_id)
-      stacked = _after(jnp.stack([leaves[j] for j in leaf_ids]), clipped)  # one group at a time (see _after)
+        kernels.append(kernel)
+      stacked = _after(jnp.stack(kernels), clipped)  # one group at a time (see _after)
       if key[0] == 'dense':
         clipped = jax.vmap(lambda w: dense_clip_single(w, max_sv))(stacked)
       else:
-        plan = specs[idx[0]].plan()
-        clipped = _batched(lambda k, plan=plan: conv_clip_single(k, max_sv, plan, rounds), stacked,
-                           plan.freq_bytes())
-      for j, leaf_id in enumerate(leaf_ids):
-        leaves[leaf_id] = clipped[j]
+        plan, groups = specs[idx[0]].plan(), key[-1]
+        clip_one = lambda k, plan=plan: conv_clip_single(k, max_sv, plan, rounds)
+        clipped = _batched(lambda k, g=groups, f=clip_one: _per_group(f, k, g, False), stacked,
+                           groups * plan.freq_bytes())
+      for j, (i, leaf_id) in enumerate(zip(idx, leaf_ids)):
+        leaves[leaf_id] = write_kernel(leaves[leaf_id], specs[i].ops, clipped[j])
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
   return jax.jit(run)
@@ -354,25 +248,30 @@ def _compiled_clip(specs: tuple[LayerSpec, ...], rounds: int) -> Callable[[PyTre
 
 def clip_params(params: PyTree, layer_specs: Sequence[LayerSpec], max_sv: float | jax.Array, *,
                 rounds: int = 1) -> PyTree:
-  """Clips the singular values of every listed layer at ``max_sv``, all layers in one compiled call.
+  """Clips the singular values of every listed layer at ``max_sv`` (appendix B.4.2), all layers in one compiled call.
 
   Layers that share (kind, kernel shape, input size, stride) are stacked and clipped together with ``vmap``
   (chunked with ``lax.map`` when a group's per-frequency matrices would exceed ~0.5 GiB). Conv kernels get
-  :func:`clip_conv_kernel` (``rounds`` rounds, strided ones through their polyphase form), dense kernels and 1×1
-  convs an exact matrix clip. The compiled function is cached per (specs, rounds); ``max_sv`` is a traced argument,
-  so changing it does not recompile. Kernels not listed in ``layer_specs`` and all other leaves are returned as is.
+  :func:`clip_conv_kernel` (``rounds`` rounds, strided ones through their polyphase form, transposed ones through
+  their adjoint, grouped ones group by group), dense kernels and 1×1 convs an exact matrix clip. The compiled function
+  is cached per (specs, rounds); ``max_sv`` is a traced argument, so changing it does not recompile. Each clipped
+  kernel is written back in the leaf's own layout; leaves not listed and all other leaves are returned as they are.
 
   Args:
-    params: the model's parameters (``variables['params']``); this is the traced argument.
-    layer_specs: from :func:`layer_specs` (static).
-    max_sv: the clipping threshold ``c``.
+    params: the params the specs were found in (for a linen Module: ``variables['params']``); traced.
+    layer_specs: from :func:`layer_specs` (static); a layer whose weight reaches its operator through a
+      transformation other than a layout change (e.g. spectral normalization) is refused.
+    max_sv: the clipping threshold ``c`` > 0.
     rounds: project-and-clip rounds for conv kernels (see :func:`clip_conv_kernel` on why one is inexact).
 
   Returns:
-    The clipped params, same pytree structure, shapes and dtypes.
+    The clipped params, same pytree structure and type (a linen dict, an ``nnx.State``, an Equinox module), shapes
+    and dtypes.
   """
-  if rounds < 0:
-    raise ValueError(f'rounds must be >= 0, got {rounds}')
+  if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
+    raise ValueError(f'rounds must be an int >= 0, got {rounds!r}')
+  if not isinstance(max_sv, jax.Array) and not float(max_sv) > 0:
+    raise ValueError(f'max_sv must be > 0, got {max_sv!r}')
   specs = _check_specs(layer_specs)
   if jax.process_count() == 1:  # the clipped kernels go back to every process's devices: keep them global there
     params = on_one_device(params)

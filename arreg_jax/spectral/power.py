@@ -12,7 +12,7 @@ import numpy as np
 from jax import lax
 
 from arreg_jax.spectral.conv import HIGHEST, pair
-from arreg_jax.spectral.model import LayerSingularValues
+from arreg_jax.spectral.layer import LayerSingularValues
 
 # ----------------------------------------------------------------------------------------------------------------
 # Power iteration (Miyato et al. 2018).

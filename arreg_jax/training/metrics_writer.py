@@ -101,8 +101,8 @@ class MetricsWriter:
   def microbatch_progress(self, epoch: int, step: int, i: int, microbatches: int, steps_total: int,
                           batch: int) -> None:
     """An in-epoch progress line, when due, from inside a step: microbatch ``i`` (0-based) of the epoch's step
-    ``step`` (0-based) has finished (:func:`arreg_jax.train.microbatch_listener`; may come from a callback thread,
-    once per device)."""
+    ``step`` (0-based) has finished (the in-step callback of :class:`arreg_jax.training.step.StepSpec`; may come
+    from a callback thread, once per device)."""
     done = step * microbatches + i + 1  # microbatches finished in this epoch
     if done <= self._microbatches_seen or not self.progress_due():
       return
@@ -114,11 +114,6 @@ class MetricsWriter:
     eta = elapsed / done * (steps_total * microbatches - done)
     self.print(f'epoch {epoch}/{self.epochs}  step {step + 1}/{steps_total}, microbatch {i + 1}/{microbatches} done  '
                f'{rate:.1f} img/s  epoch ETA {format_duration(eta)}')
-
-  def write_epoch(self, row: dict) -> None:
-    """:meth:`record_epoch` then :meth:`print_epoch`."""
-    self.record_epoch(row)
-    self.print_epoch(row)
 
   def record_epoch(self, row: dict) -> None:
     """Records one epoch's row (``epoch``, ``epoch_time_s``, metrics) in metrics.jsonl and TensorBoard.

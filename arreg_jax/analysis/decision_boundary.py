@@ -7,7 +7,7 @@ any adversarial example ``x'`` (a point classified differently from ``x``) certi
 
 **Estimator used here: per-example bisection on the radius of an L2 PGD attack, then a line search.**
 
-1. *Screening* (cheap, all analysed training examples): the first-order (linearized, DeepFool-style one-step)
+1. *Screening* (cheap, all analyzed training examples): the first-order (linearized, DeepFool-style one-step)
    distance to the boundary between the predicted class ``ŷ`` and the runner-up,
    ``d̂(x) = M(f(x), ŷ) / ‖∇ₓ M(f(x), ŷ)‖₂`` — one forward-backward pass per example.
 2. *Refinement* (the ``k`` examples with the smallest ``d̂``): bisection on the radius ``r`` in ``[0, r_max]``; at
@@ -27,27 +27,30 @@ all training examples, which in turn upper-bounds Definition 6's ``v_min`` (a mi
 around them); the screening can miss the true minimizer.
 
 Labels are the model's predictions ``ŷ`` (robustness is w.r.t. the predicted class, Definition 2), so misclassified
-training examples are handled like the others.
+training examples are handled like the others. :func:`first_order_distance` and :func:`bisect_boundary_distance` are
+the pure batch kernels; :func:`boundary_distances` runs the whole estimator over a dataset for ``apply_fn(params, x)``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from typing import Any, Callable
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from arreg_jax import attacks
-from arreg_jax.analysis import margins as margins_lib
-from arreg_jax.data import augment
+from arreg_jax import attacks, sharding
+from arreg_jax.analysis import inputs
+from arreg_jax.attacks import losses
 
 
 def _margin_loss_sum(logits_fn, x, labels):
   """Σ −M(f(x), y): ascending it pushes each example towards (and across) its decision boundary."""
-  return -jnp.sum(margins_lib.margins(logits_fn(x), labels))
+  return -jnp.sum(losses.margin(logits_fn(x), labels))
 
 
 def _norms(x: jax.Array) -> jax.Array:
@@ -59,7 +62,7 @@ def first_order_distance(logits_fn, images: jax.Array) -> tuple[jax.Array, jax.A
   chex.assert_rank(images, 4)
   x = images.astype(jnp.float32)
   pred = jnp.argmax(logits_fn(x), axis=-1)
-  m_fn = lambda z: margins_lib.margins(logits_fn(z), pred)
+  m_fn = lambda z: losses.margin(logits_fn(z), pred)
   m, vjp = jax.vjp(m_fn, x)
   (g,) = vjp(jnp.ones_like(m))  # rows are independent: the VJP with ones gives every example's own gradient
   return m / jnp.maximum(_norms(g), 1e-12), pred
@@ -121,27 +124,64 @@ def bisect_boundary_distance(logits_fn, images: jax.Array, labels: jax.Array, *,
   return {'distance': lax.stop_gradient(distance), 'bracket_lo': lo, 'bracket_hi': hi, 'found': found}
 
 
-@functools.lru_cache(maxsize=None)
-def make_screen_kernel(module: nn.Module, augment_kind: str):
-  """Jitted ``(variables, images_uint8, labels, mask) -> {'first_order': d̂, 'pred': ŷ}``."""
-
-  def kernel(variables, images, labels, mask):
-    del labels, mask
-    x = augment.preprocess(None, images, kind=augment_kind, train=False)
-    d, pred = first_order_distance(lambda z: module.apply(variables, z, train=False), x)
-    return {'first_order': d, 'pred': pred.astype(jnp.int32)}
-
-  return jax.jit(kernel)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _screen_batch(apply_fn, preprocess, params, images, labels, mask):
+  del labels, mask
+  x = images if preprocess is None else preprocess(images)
+  d, pred = first_order_distance(lambda z: apply_fn(params, z), x)
+  return {'first_order': d, 'pred': pred.astype(jnp.int32)}
 
 
-@functools.lru_cache(maxsize=None)
-def make_bisection_kernel(module: nn.Module, augment_kind: str, r_max: float, rounds: int, steps: int):
-  """Jitted ``(variables, images_uint8, predicted_labels, mask) -> bisect_boundary_distance(...)``."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _bisection_batch(apply_fn, preprocess, r_max, rounds, steps, params, images, labels, mask):
+  del mask
+  x = images if preprocess is None else preprocess(images)
+  return bisect_boundary_distance(lambda z: apply_fn(params, z), x, labels, r_max=r_max, rounds=rounds, steps=steps)
 
-  def kernel(variables, images, labels, mask):
-    del mask
-    x = augment.preprocess(None, images, kind=augment_kind, train=False)
-    return bisect_boundary_distance(lambda z: module.apply(variables, z, train=False), x, labels, r_max=r_max,
-                                    rounds=rounds, steps=steps)
 
-  return jax.jit(kernel)
+def boundary_distances(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, images: Any, *,
+                       screen: int | None = None, refine: int = 64, rounds: int = 12, steps: int = 20,
+                       r_max: float | None = None, batch_size: int = 128, mesh: jax.sharding.Mesh | None = None,
+                       preprocess: Callable[[jax.Array], jax.Array] | None = None) -> dict[str, Any]:
+  """v_min of Theorem 3.1: the smallest L2 distance to the decision boundary over ``images`` (module docstring).
+
+  The first ``screen`` images are screened by their first-order distance d̂; the ``refine`` with the smallest d̂
+  are refined by bisection on the radius of an L2 PGD attack (one compiled batch), then a line search.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> logits (N, K)``; the boundary is that of its predicted class ŷ.
+    params: the pytree ``apply_fn`` takes.
+    images: ``(N, ...)`` float images in [0, 1] with 4 dimensions (training examples, for the bound).
+    screen: how many of the first images to screen (default: all).
+    refine: how many of them to refine.
+    rounds: bisection rounds; steps: PGD steps per round.
+    r_max: the bracket's upper end (default √d, the L2 diameter of [0, 1]^d for the model's input size d).
+    batch_size: screening batch; mesh, preprocess: as :func:`arreg_jax.analysis.margins.confidence`.
+
+  Returns:
+    ``v_min`` (float; +inf when no refined example was flipped within ``r_max``), ``distance`` ``(k,)`` certified
+    upper bounds of the refined examples, ``found`` ``(k,)`` bool, ``refined_indices`` ``(k,)``, ``first_order``
+    ``(n,)`` d̂ and ``pred`` ``(n,)`` ŷ of the screened ones, ``r_max``.
+  """
+  inputs.check_model_inputs(apply_fn, params, images, preprocess=preprocess, limit=screen)
+  for name, v in (('refine', refine), ('rounds', rounds), ('steps', steps)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f'{name} must be an int >= 1, got {v!r}')
+  mesh = mesh or sharding.make_mesh()
+  n = min(int(screen), images.shape[0]) if screen is not None else images.shape[0]
+  dummy = np.zeros((images.shape[0],), np.int32)
+  out = sharding.map_batches(functools.partial(_screen_batch, apply_fn, preprocess), params, images, dummy,
+                             batch_size=batch_size, mesh=mesh, limit=n)
+  k = min(int(refine), n)
+  order = np.argsort(out['first_order'], kind='stable')[:k]
+  if r_max is None:
+    x_shape = jax.eval_shape(preprocess or (lambda x: x), jax.ShapeDtypeStruct((1, *images.shape[1:]),
+                                                                               images.dtype)).shape
+    r_max = math.sqrt(math.prod(x_shape[1:]))
+  kernel = functools.partial(_bisection_batch, apply_fn, preprocess, float(r_max), int(rounds), int(steps))
+  res = sharding.map_batches(kernel, params, images[order], out['pred'][order],
+                             batch_size=-(-k // mesh.size) * mesh.size, mesh=mesh)
+  found = res['found']
+  return {'v_min': float(res['distance'].min()) if found.any() else float('inf'), 'distance': res['distance'],
+          'found': found, 'refined_indices': order, 'first_order': out['first_order'], 'pred': out['pred'],
+          'r_max': float(r_max)}

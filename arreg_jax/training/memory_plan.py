@@ -30,8 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arreg_jax import configuration, evaluation, sharding
+from arreg_jax import configuration, sharding
 from arreg_jax.errors import MemoryPlanError
+from arreg_jax.training import eval_step
+from arreg_jax.training import step as step_lib
 
 SAFETY = 0.9
 GiB = 2 ** 30
@@ -169,7 +171,7 @@ def plan_eval_step(compile_k: Callable[[int], Any], candidates: Sequence[int], *
                    free: int | None) -> tuple[int, Any]:
   """Chooses how many chunks the evaluation step attacks its batch in: ``(k, compiled program)``.
 
-  ``compile_k(k)`` compiles the step attacking in k chunks (:func:`arreg_jax.evaluation.make_eval_step`; the
+  ``compile_k(k)`` compiles the step attacking in k chunks (:class:`arreg_jax.training.eval_step.EvalStep`; the
   metrics do not depend on k); ``candidates`` are the admissible k, ascending from 1. The smallest k that fits is
   taken (logged when > 1). Raises MemoryPlanError, suggesting a smaller ``config.eval.batch_size``, when even the
   largest does not fit.
@@ -197,55 +199,39 @@ def plan_eval_step(compile_k: Callable[[int], Any], candidates: Sequence[int], *
                         f'(about {suggested} would fit)')
 
 
-class Precompiled:
-  """A jitted function with one ahead-of-time compiled program: calls whose data shape and static keyword
-  arguments are the compiled ones run that program (no second compilation); others go to the jitted function."""
-
-  def __init__(self, jitted: Callable, program, shape: tuple, static: dict):
-    self.jitted, self.program, self.shape, self.static = jitted, program, tuple(shape), dict(static)
-
-  def __call__(self, variables, images, *args, **static):
-    if tuple(images.shape) == self.shape and static == self.static:
-      return self.program(variables, images, *args)
-    return self.jitted(variables, images, *args, **static)
-
-
 def _local_free_bytes(mesh) -> int | None:
   local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
   return free_bytes(local[0], local_devices=len(local))
 
 
-def plan_training(config, make: Callable, per_call: int, state, hyper, images, labels, mesh, what: str
-                  ) -> tuple[int, Any]:
-  """``(microbatches, compiled multi-step program of per_call steps)``: compiled ahead of time for the state, step
-  hyper-parameters (:class:`arreg_jax.train.StepHyper`) and data at hand and checked against the device memory
-  (:func:`plan_train_step`; resolves ``config.train.microbatches = 'auto'``). ``make(n, k)`` is the jitted program
-  of n steps of k microbatches."""
+def plan_training(spec_of: Callable[[int], step_lib.StepSpec], requested, state, hyper, images, labels, mesh,
+                  what: str) -> step_lib.StepSpec:
+  """The training program's spec with its microbatch count chosen: ``spec_of(k)`` is the spec with k
+  microbatches; the program (:func:`arreg_jax.training.step.train_steps`) is compiled ahead of time for the state,
+  step hyper-parameters and data at hand and checked against the device memory (:func:`plan_train_step`;
+  ``requested`` is ``config.train.microbatches``, an int or 'auto').
+
+  The program chosen is the one the training then calls: ``jax.jit`` keeps what ``lower(...).compile()`` compiled,
+  so nothing is compiled twice.
+  """
   perm = jax.ShapeDtypeStruct((images.shape[0],), jnp.int32, sharding=sharding.replicated(mesh))
-  compile_k = lambda k: make(per_call, k).lower(state, images, labels, perm, hyper).compile()
-  b = config.train.batch_size
+  compile_k = lambda k: step_lib.train_steps.lower(spec_of(k), state, images, labels, perm, hyper).compile()
+  b = spec_of(1).batch_size
   candidates = [k for k in configuration.divisors(b) if (b // k) % mesh.size == 0]
-  k, program = plan_train_step(compile_k, config.train.microbatches, candidates, what=what,
-                               free=_local_free_bytes(mesh))
-  if config.train.microbatches == 'auto' or k > 1:
+  k, _ = plan_train_step(compile_k, requested, candidates, what=what, free=_local_free_bytes(mesh))
+  if requested == 'auto' or k > 1:
     logging.info('%s: %d microbatch(es) of %d examples per step of %d', what, k, b // k, b)
-  return k, program
+  return spec_of(k)
 
 
-def plan_evaluation(config, make_eval: Callable[[int], Callable], state, images, labels, key, mesh, what: str):
-  """The PGD evaluation step, compiled ahead of time on the test set in as few attack chunks as fit the device
-  memory (:func:`plan_eval_step`); ``make_eval(k)`` is the jitted step attacking in k chunks. Returns a step that runs
-  that program on the test set (other data: the jitted step of the same k)."""
-  static = evaluation.eval_layout(images, config.eval.batch_size)
-  args = (state.variables(), images, labels, np.int32(0), np.int32(1), key)
-  steps = {}
-
-  def compile_k(k):
-    steps[k] = make_eval(k)
-    return steps[k].lower(*args, **static).compile()
-
-  devices = static['batch_sharding'].mesh.size if static['batch_sharding'] is not None else 1
-  candidates = configuration.divisors(static['padded_size'] // devices)
-  k, program = plan_eval_step(compile_k, candidates, batch_size=config.eval.batch_size, what=what,
-                              free=_local_free_bytes(mesh))
-  return Precompiled(steps[k], program, images.shape, static)
+def plan_evaluation(step: eval_step.EvalStep, batch_size: int, variables, images, labels, key, mesh, what: str
+                    ) -> eval_step.EvalStep:
+  """``step`` (with PGD) attacking its batch in as few chunks as fit the device memory (:func:`plan_eval_step`),
+  compiled ahead of time on ``images`` (the test set) at ``batch_size``: the program that evaluation then runs."""
+  layout = eval_step.batch_layout(images, batch_size)
+  args = (variables, images, labels, np.int32(0), np.int32(1), key)
+  compile_k = lambda k: eval_step.eval_batch.lower(dataclasses.replace(step, chunks=k), layout, *args).compile()
+  devices = layout.batch_sharding.mesh.size if layout.batch_sharding is not None else 1
+  candidates = configuration.divisors(layout.padded_size // devices)
+  k, _ = plan_eval_step(compile_k, candidates, batch_size=batch_size, what=what, free=_local_free_bytes(mesh))
+  return dataclasses.replace(step, chunks=k)

@@ -707,7 +707,7 @@ def part_mnist_default(p: Part) -> None:
     log_text = f.read()
   row = {'wall_s': round(wall, 2), 'returncode': code, 'timed_out': timed_out,
          'log_tail': log_text[-3000:]}
-  m = re.search(r'sweep finished in ([\d.]+) s', log_text)
+  m = re.search(r'sweep (?:trained|finished) in ([\d.]+) s', log_text)  # training.loop.train_sweep's line
   row['training_s'] = float(m.group(1)) if m else None
   row['analysis_s'] = {k: float(v) for k, v in re.findall(r'\[analysis\] (\S+): ([\d.]+) s', log_text)}
   m = re.search(r'\[report\] \S+ \(([\d.]+) s\)', log_text)

@@ -128,7 +128,8 @@ def test_train_step_compiles_once_and_is_deterministic():
 def test_evaluate_masks_padding_and_counts_pgd_over_clean_correct():
   module = models.get_module('small_cnn', num_classes=10)
   _, variables = models.create('small_cnn', num_classes=10, key=jax.random.key(0))
-  cfg = ml_collections.ConfigDict({'eps': 0.0, 'step_size': 0.0, 'steps': 1})
+  # A radius of 1e-6 (the attacks refuse ε = 0): no prediction of this model moves, so PGD accuracy is 1.
+  cfg = ml_collections.ConfigDict({'eps': 1e-6, 'step_size': 1e-6, 'steps': 1})
   step = eval_step.make_eval_step(module, augment_kind='none', pgd_cfg=cfg)
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (37, 28, 28, 1), dtype=np.uint8))
   labels = jnp.asarray(np.arange(37) % 10, jnp.int32)

@@ -41,6 +41,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import attack_throughput as at  # noqa: E402
+import machine  # noqa: E402
 from arreg_jax import attacks  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'apgd_throughput_cpu.json')
@@ -150,12 +151,7 @@ def main(argv=None):
         100 * (res['arreg_jax']['robust_accuracy'] - res['authors']['robust_accuracy']), 2)
     results.append(res)
 
-  import subprocess  # pylint: disable=g-import-not-at-top
-  try:
-    aa_commit = subprocess.run(['git', '-C', args.autoattack_dir, 'rev-parse', 'HEAD'], capture_output=True,
-                               text=True, timeout=10).stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    aa_commit = None
+  aa_commit = machine.git_commit(args.autoattack_dir)
   out = {
       'benchmark': 'APGD-CE L∞ throughput and robust accuracy, arreg_jax vs the authors\' PyTorch APGD',
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),

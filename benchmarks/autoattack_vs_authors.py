@@ -36,7 +36,6 @@ import argparse
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -246,11 +245,7 @@ def main(argv=None):
     results.append(row)
 
   print_table(results)
-  try:
-    aa_commit = subprocess.run(['git', '-C', args.autoattack_dir, 'rev-parse', 'HEAD'], capture_output=True,
-                               text=True, timeout=10).stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    aa_commit = None
+  aa_commit = machine.git_commit(args.autoattack_dir)
   out = {
       'benchmark': "AutoAttack (APGD-CE, APGD-T, FAB-T, standard cascade): arreg_jax vs the authors' PyTorch code",
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),

@@ -178,3 +178,12 @@ def _json_default(value: Any) -> Any:
   if isinstance(value, np.ndarray):
     return value.tolist()
   return str(value)
+
+
+def git_commit(folder: str) -> str | None:
+  """The commit checked out in ``folder`` (e.g. the authors' code a benchmark compares with), or None."""
+  try:
+    return subprocess.run(['git', '-C', folder, 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                          timeout=10).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
